@@ -1,0 +1,11 @@
+//! Plain types of the Continual-NExT protocol (Continual-NExT, arXiv 2602.18055): task ids and
+//! their modalities, task orders, the accuracy matrix, the per-task scorers and the pure metric
+//! functions. Nothing here loads data or models.
+
+pub mod matrix;
+pub mod metrics;
+pub mod scoring;
+mod task;
+
+pub use matrix::{AccuracyMatrix, MatrixError};
+pub use task::{Modality, Order, ParseIdError, TaskId};

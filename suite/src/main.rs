@@ -1,0 +1,300 @@
+//! `cnext`: generate Continual-NExT-mini, score prediction files written by any framework, and
+//! compute the protocol's metrics from an accuracy matrix.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use cnext_core::metrics::{fmt2, Metrics};
+use cnext_core::scoring::Compat;
+use cnext_core::{AccuracyMatrix, TaskId};
+use cnext_datasets::evaluate::{read_predictions, score_text_task};
+use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
+use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
+use comfy_table::Table;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "cnext", version, about = "Continual-NExT benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate or check Continual-NExT-mini data.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+    /// Metrics of an accuracy matrix CSV (header: task ids; row j: after stage j).
+    Metrics {
+        #[arg(long)]
+        matrix: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score official-format predictions (merge.jsonl) against a task's test annotations.
+    Score {
+        #[arg(long)]
+        task: TaskId,
+        #[arg(long)]
+        annotations: PathBuf,
+        #[arg(long)]
+        predictions: PathBuf,
+        /// `official` reproduces the official scripts' quirks.
+        #[arg(long, default_value = "correct")]
+        compat: Compat,
+        #[arg(long)]
+        json: bool,
+        /// Write one JSON line per sample (prediction, answer, score).
+        #[arg(long)]
+        per_sample: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Write the six tasks (train JSONL, test JSON, PNG images) into a new folder.
+    Generate {
+        #[arg(long, default_value = "mini", value_parser = parse_profile)]
+        profile: DataProfile,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Default: target/cnext/data/<profile>-seed<seed>
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load and validate every task of a data folder (real downloads or generated).
+    Check {
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+fn parse_profile(s: &str) -> Result<DataProfile, String> {
+    match s {
+        "mini" => Ok(DataProfile::Mini),
+        "smoke" => Ok(DataProfile::Smoke),
+        _ => Err(format!(
+            "unknown data profile `{s}` (expected mini or smoke)"
+        )),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Data { cmd } => match cmd {
+            DataCmd::Generate {
+                profile,
+                seed,
+                out,
+                force,
+            } => generate(profile, seed, out, force),
+            DataCmd::Check { root } => check(&root),
+        },
+        Cmd::Metrics { matrix, json } => metrics(&matrix, json),
+        Cmd::Score {
+            task,
+            annotations,
+            predictions,
+            compat,
+            json,
+            per_sample,
+        } => score(task, &annotations, &predictions, compat, json, per_sample),
+    }
+}
+
+fn generate(profile: DataProfile, seed: u64, out: Option<PathBuf>, force: bool) -> Result<()> {
+    let out = out.unwrap_or_else(|| {
+        PathBuf::from(format!("target/cnext/data/{}-seed{seed}", profile.as_str()))
+    });
+    let cfg = GenConfig::new(profile, seed);
+    let t = Instant::now();
+    let m = cnext_datasets::generate(&out, &cfg, force)?;
+    let mut table = Table::new();
+    table.set_header(["task", "version", "train", "test", "images"]);
+    for (task, tm) in &m.tasks {
+        table.add_row([
+            task.to_string(),
+            tm.version.to_string(),
+            tm.train.to_string(),
+            tm.test.to_string(),
+            tm.images.to_string(),
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "wrote {} in {:.1} s (profile {}, seed {seed})",
+        out.display(),
+        t.elapsed().as_secs_f64(),
+        profile.as_str()
+    );
+    Ok(())
+}
+
+fn check(root: &Path) -> Result<()> {
+    let mut table = Table::new();
+    table.set_header(["task", "train", "test", "scorer"]);
+    for task in TaskId::ALL {
+        let dir = root.join(task.as_str());
+        let train = load_train(&dir, task)?;
+        let test = load_test_file(&dir.join("test.json"), task, ImageCheck::Resolve)?;
+        table.add_row([
+            task.to_string(),
+            train.len().to_string(),
+            test.len().to_string(),
+            TaskSpec::of(task).scorer.to_string(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn opt2(v: Option<f64>) -> String {
+    v.map(fmt2).unwrap_or_else(|| "-".into())
+}
+
+fn metrics(path: &Path, json: bool) -> Result<()> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let m = AccuracyMatrix::from_csv_reader(f, &path.display().to_string())?;
+    let met = Metrics::of(&m);
+    if json {
+        let obj = serde_json::json!({
+            "avg_acc": met.avg_acc.map(cnext_core::metrics::round2),
+            "forgetting": met.forgetting.map(cnext_core::metrics::round2),
+            "new_acc": met.new_acc.map(cnext_core::metrics::round2),
+            "max_forgetting": met.max_forgetting.map(cnext_core::metrics::round2),
+            "bwt": met.bwt.map(cnext_core::metrics::round2),
+            "mft": met.mft.map(cnext_core::metrics::round2),
+            "mfn": met.mfn.map(cnext_core::metrics::round2),
+            "maa": met.maa.map(cnext_core::metrics::round2),
+        });
+        println!("{obj}");
+        return Ok(());
+    }
+    let mut table = Table::new();
+    let mut header = vec!["stage".to_string()];
+    header.extend(m.tasks().iter().map(|t| t.to_string()));
+    header.push("Avg.ACC".into());
+    table.set_header(header);
+    let curve = cnext_core::metrics::stage_avg_acc(&m);
+    for (j, row) in m.rows().iter().enumerate() {
+        let mut cells = vec![(j + 1).to_string()];
+        cells.extend(row.iter().map(|c| opt2(*c)));
+        cells.push(opt2(curve.get(j).copied().flatten()));
+        table.add_row(cells);
+    }
+    println!("{table}");
+    let mut t2 = Table::new();
+    t2.set_header([
+        "Avg.ACC",
+        "Forgetting",
+        "New.ACC",
+        "max_forgetting",
+        "BWT",
+        "MAA",
+    ]);
+    t2.add_row([
+        opt2(met.avg_acc),
+        opt2(met.forgetting),
+        opt2(met.new_acc),
+        opt2(met.max_forgetting),
+        opt2(met.bwt),
+        opt2(met.maa),
+    ]);
+    println!("{t2}");
+    Ok(())
+}
+
+fn score(
+    task: TaskId,
+    annotations: &Path,
+    predictions: &Path,
+    compat: Compat,
+    json: bool,
+    per_sample: Option<PathBuf>,
+) -> Result<()> {
+    let spec = TaskSpec::of(task);
+    let tests = load_test_file(annotations, task, ImageCheck::PathsOnly)?;
+    let preds = read_predictions(predictions)?;
+    let s = score_text_task(&spec, &tests, &preds, predictions, compat)?;
+    if let Some(out) = per_sample {
+        let mut body = String::new();
+        for p in &s.per_sample {
+            body.push_str(&serde_json::to_string(p)?);
+            body.push('\n');
+        }
+        write_atomic(&out, body.as_bytes())?;
+    }
+    if json {
+        let obj = serde_json::json!({
+            "task": task,
+            "scorer": spec.scorer,
+            "compat": compat,
+            "accuracy": cnext_core::metrics::round2(s.accuracy),
+            "samples": s.samples,
+            "missing": s.missing.len(),
+            "format_errors": s.per_sample.iter().filter(|p| p.format_error).count(),
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "{task} ({}, compat {compat}): accuracy {} over {} samples",
+            spec.scorer,
+            fmt2(s.accuracy),
+            s.samples
+        );
+        let fe = s.per_sample.iter().filter(|p| p.format_error).count();
+        if fe > 0 {
+            println!("{fe} predictions could not be parsed (scored 0)");
+        }
+    }
+    if !s.missing.is_empty() {
+        let shown: Vec<String> = s.missing.iter().take(10).map(|q| q.to_string()).collect();
+        eprintln!(
+            "warning: {} test samples have no prediction (scored 0): {}{}",
+            s.missing.len(),
+            shown.join(", "),
+            if s.missing.len() > 10 { ", ..." } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Writes through a temp file in the same folder and renames it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+    if !path.exists() {
+        bail!("{}: rename did not produce the file", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! End-to-end checks of the `cnext` binary: data generation, scoring official prediction files
+//! and metrics from a matrix CSV, including their error paths.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cnext(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cnext"))
+        .args(args)
+        .output()
+        .expect("run cnext")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write(path: &Path, body: &str) {
+    std::fs::write(path, body).unwrap();
+}
+
+#[test]
+fn metrics_prints_table_and_json_and_names_bad_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("m.csv");
+    write(&csv, "vqav2,imagenet,flickr30k\n80,-,-\n60,90,\n50,70,40\n");
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // Avg.ACC = (50+70+40)/3 = 53.333.. ; New.ACC = (80+90+40)/3 = 70 ;
+    // Forgetting = ((80-50)+(90-70))/2 = 25
+    assert_eq!(v["avg_acc"], serde_json::json!(53.33));
+    assert_eq!(v["new_acc"], serde_json::json!(70.0));
+    assert_eq!(v["forgetting"], serde_json::json!(25.0));
+    assert_eq!(v["bwt"], serde_json::json!(-25.0));
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap()]);
+    assert!(stdout(&o).contains("Avg.ACC") && stdout(&o).contains("53.33"));
+
+    write(&csv, "vqav2,imagenet\n80,-\n60,abc\n");
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(":3"), "{}", stderr(&o));
+    write(&csv, "vqav2,imagenet\n80\n");
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(":2"), "{}", stderr(&o));
+}
+
+/// Generates smoke data and returns (tempdir, data root).
+fn smoke() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let o = cnext(&[
+        "data",
+        "generate",
+        "--profile",
+        "smoke",
+        "--seed",
+        "4",
+        "--out",
+        root.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("refcoco"));
+    let o = cnext(&["data", "check", "--root", root.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (tmp, root)
+}
+
+fn predictions(test_json: &Path, answer: impl Fn(usize, &str) -> Option<String>) -> String {
+    let tests: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(test_json).unwrap()).unwrap();
+    let mut out = String::new();
+    for (i, t) in tests.iter().enumerate() {
+        if let Some(a) = answer(i, t["answer"].as_str().unwrap()) {
+            let rec = serde_json::json!({"question_id": t["question_id"], "prompt": t["text"],
+                "text": a, "answer_id": format!("a{i}"), "model_id": "test", "metadata": {}});
+            out.push_str(&rec.to_string());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn score_reads_official_predictions_and_reports_problems() {
+    let (tmp, root) = smoke();
+    let ann = root.join("vqav2/test.json");
+    let pred = tmp.path().join("merge.jsonl");
+    // Half right, one missing, one empty (the official script counts "" correct).
+    write(
+        &pred,
+        &predictions(&ann, |i, a| match i {
+            0 => None,
+            1 => Some(String::new()),
+            i if i % 2 == 0 => Some(format!("<s>{}</s>", a.to_uppercase())),
+            _ => Some("zebra zebra zebra".into()),
+        }),
+    );
+    let args = |compat: &'static str, per: &str| {
+        vec![
+            "score".to_string(),
+            "--task".into(),
+            "vqav2".into(),
+            "--annotations".into(),
+            ann.display().to_string(),
+            "--predictions".into(),
+            pred.display().to_string(),
+            "--compat".into(),
+            compat.into(),
+            "--json".into(),
+            "--per-sample".into(),
+            per.into(),
+        ]
+    };
+    let per = tmp.path().join("per.jsonl");
+    let a = args("correct", per.to_str().unwrap());
+    let o = cnext(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // 12 smoke test samples: indexes 2,4,..,10 right (5), 0 missing, 1 empty -> 5/12.
+    assert_eq!(v["samples"], 12);
+    assert_eq!(v["missing"], 1);
+    assert_eq!(v["accuracy"], serde_json::json!(41.67));
+    assert!(stderr(&o).contains("1 test samples have no prediction"));
+    assert_eq!(std::fs::read_to_string(&per).unwrap().lines().count(), 12);
+    let a = args("official", per.to_str().unwrap());
+    let o = cnext(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        v["accuracy"],
+        serde_json::json!(50.0),
+        "empty counts correct in official mode"
+    );
+
+    // Unknown id and duplicate id: errors naming the line.
+    let mut body = std::fs::read_to_string(&pred).unwrap();
+    body.push_str(r#"{"question_id": 999, "prompt": "", "text": "x", "answer_id": "", "model_id": "", "metadata": {}}"#);
+    write(&pred, &body);
+    let a = args("correct", per.to_str().unwrap());
+    let o = cnext(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("merge.jsonl:12") && stderr(&o).contains("999"),
+        "{}",
+        stderr(&o)
+    );
+    let first = body.lines().next().unwrap().to_string();
+    write(&pred, &format!("{first}\n{first}\n"));
+    let o = cnext(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        stderr(&o).contains("merge.jsonl:2") && stderr(&o).contains("duplicate"),
+        "{}",
+        stderr(&o)
+    );
+    write(&pred, "{\"question_id\": 1, \"text\": \n");
+    let o = cnext(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(stderr(&o).contains("merge.jsonl:1"), "{}", stderr(&o));
+}
+
+#[test]
+fn score_grounding_with_box_iou() {
+    let (tmp, root) = smoke();
+    let ann = root.join("refcoco/test.json");
+    let pred = tmp.path().join("merge.jsonl");
+    write(
+        &pred,
+        &predictions(&ann, |i, a| {
+            Some(match i % 3 {
+                0 => a.to_string(),
+                1 => "[0.00,0.00,0.01,0.01]".into(),
+                _ => "the red one".into(),
+            })
+        }),
+    );
+    let o = cnext(&[
+        "score",
+        "--task",
+        "refcoco",
+        "--annotations",
+        ann.to_str().unwrap(),
+        "--predictions",
+        pred.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["accuracy"], serde_json::json!(33.33));
+    assert_eq!(v["format_errors"], 4);
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let o = cnext(&[
+        "score",
+        "--task",
+        "coco",
+        "--annotations",
+        "a",
+        "--predictions",
+        "b",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown task id `coco`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = cnext(&["metrics", "--matrix", "/nonexistent/m.csv"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/m.csv"));
+}
