@@ -155,10 +155,7 @@ mod tests {
                     .zip(b.cells.iter().flatten())
                     .filter(|(x, y)| x != y)
                     .count();
-                assert!(
-                    cells_differ >= 6 || a.main != b.main,
-                    "{ni} vs {nj}"
-                );
+                assert!(cells_differ >= 6 || a.main != b.main, "{ni} vs {nj}");
             }
         }
     }

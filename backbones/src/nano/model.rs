@@ -1,0 +1,418 @@
+//! The nano Dual-to-Dual model, shaped like SEED-X / Janus (Ge et al., "SEED-X: Multimodal
+//! Models with Unified Multi-granularity Comprehension and Generation", 2024; Wu et al., "Janus:
+//! Decoupling Visual Encoding for Unified Multimodal Understanding and Generation", 2024):
+//! images are read as continuous patch embeddings (frozen patch encoder + trainable projector,
+//! Fuyu/Janus-style) and written as VQ codes predicted by a LLaMA-style decoder (RMSNorm, RoPE,
+//! SwiGLU). Every op used here has a backward pass (no fused rms_norm/softmax/rope).
+
+use super::config::NanoConfig;
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use cnext_adapters::{linear, AdapterPlan, Ctx, Linear};
+use image::RgbImage;
+
+/// RMSNorm through differentiable ops.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        Ok(RmsNorm {
+            weight,
+            eps: eps as f32,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+    }
+}
+
+/// Rotate-half RoPE with per-row positions (`cos`, `sin`: [B, 1, T, head_dim/2]).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+/// Per-layer key/value cache, created per generate call and passed in (layers hold no state).
+pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &NanoConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Attention {
+            q_proj: linear(d, d, false, vb.pp("q_proj"), plan)?,
+            k_proj: linear(d, d, false, vb.pp("k_proj"), plan)?,
+            v_proj: linear(d, d, false, vb.pp("v_proj"), plan)?,
+            o_proj: linear(d, d, false, vb.pp("o_proj"), plan)?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rot,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let split = |y: Tensor| -> Result<Tensor> {
+            y.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope(
+            &split(self.q_proj.forward_ctx(x, ctx)?)?,
+            &rot.cos,
+            &rot.sin,
+        )?;
+        let mut k = rope(
+            &split(self.k_proj.forward_ctx(x, ctx)?)?,
+            &rot.cos,
+            &rot.sin,
+        )?;
+        let mut v = split(self.v_proj.forward_ctx(x, ctx)?)?;
+        if let Some((pk, pv)) = cache.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *cache = Some((k.clone(), v.clone()));
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.o_proj.forward_ctx(&y, ctx)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &NanoConfig, vb: VarBuilder, plan: &AdapterPlan) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: linear(d, i, false, vb.pp("gate_proj"), plan)?,
+            up_proj: linear(d, i, false, vb.pp("up_proj"), plan)?,
+            down_proj: linear(i, d, false, vb.pp("down_proj"), plan)?,
+        })
+    }
+    fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let g = self.gate_proj.forward_ctx(x, ctx)?.silu()?;
+        self.down_proj
+            .forward_ctx(&(g * self.up_proj.forward_ctx(x, ctx)?)?, ctx)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Rotation tables gathered for the positions of one forward.
+struct Rot {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Image patches -> embeddings in the LLM's space: a frozen patch encoder (linear + 2-D
+/// position embedding + SiLU + linear) and the trainable projector.
+#[derive(Debug, Clone)]
+struct Vision {
+    patch_embed: Linear,
+    row_embed: Tensor,
+    col_embed: Tensor,
+    fc: Linear,
+    projector: Linear,
+    patch: usize,
+}
+
+impl Vision {
+    fn new(cfg: &NanoConfig, vb: VarBuilder, vb_train: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let p = cfg.patch_size;
+        let none = AdapterPlan::none();
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        Ok(Vision {
+            patch_embed: linear(p * p * 3, d, true, vb.pp("vision.patch_embed"), &none)?,
+            row_embed: vb.get_with_hints((cfg.max_grid, d), "vision.row_embed", init)?,
+            col_embed: vb.get_with_hints((cfg.max_grid, d), "vision.col_embed", init)?,
+            fc: linear(d, d, true, vb.pp("vision.fc"), &none)?,
+            projector: linear(d, d, true, vb_train.pp("projector"), &none)?,
+            patch: p,
+        })
+    }
+
+    /// Embeds the patches of every image, concatenated in order: [sum of patches, d].
+    fn forward(&self, images: &[&RgbImage], dev: &Device) -> Result<Tensor> {
+        let p = self.patch as u32;
+        let (mut pix, mut rows, mut cols) = (vec![], vec![], vec![]);
+        for img in images {
+            for gy in 0..img.height() / p {
+                for gx in 0..img.width() / p {
+                    for y in 0..p {
+                        for x in 0..p {
+                            let px = img.get_pixel(gx * p + x, gy * p + y);
+                            pix.extend(px.0.iter().map(|&c| f32::from(c) / 127.5 - 1.0));
+                        }
+                    }
+                    rows.push(gy);
+                    cols.push(gx);
+                }
+            }
+        }
+        let n = rows.len();
+        let x = Tensor::from_vec(pix, (n, (p * p * 3) as usize), dev)?;
+        let r = self.row_embed.index_select(&Tensor::new(rows, dev)?, 0)?;
+        let c = self.col_embed.index_select(&Tensor::new(cols, dev)?, 0)?;
+        let h = ((self.patch_embed.forward(&x)? + r)? + c)?.silu()?;
+        let h = self.fc.forward(&h)?;
+        self.projector.forward(&h)
+    }
+}
+
+/// One element of an input sequence: a token or the i-th patch of the sequence's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Token(u32),
+    Patch(usize),
+}
+
+/// The nano model. `&self` only: caches are created per call.
+#[derive(Debug, Clone)]
+pub struct NanoModel {
+    cfg: NanoConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    vision: Vision,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl NanoModel {
+    /// `vb` holds the base weights (plain tensors when fine-tuning: frozen by construction;
+    /// variables when pretraining), `vb_train` the projector (always variables).
+    pub fn new(
+        cfg: &NanoConfig,
+        vb: VarBuilder,
+        vb_train: VarBuilder,
+        plan: &AdapterPlan,
+    ) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let device = vb.device().clone();
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let embed_tokens =
+            vb.get_with_hints((cfg.vocab_size, d), "llm.embed_tokens.weight", init)?;
+        let mut layers = vec![];
+        for i in 0..cfg.num_hidden_layers {
+            let lb = vb.pp(format!("llm.layers.{i}"));
+            layers.push(Layer {
+                input_layernorm: RmsNorm::new(d, cfg.rms_norm_eps, lb.pp("input_layernorm"))?,
+                self_attn: Attention::new(cfg, lb.pp("self_attn"), plan)?,
+                post_attention_layernorm: RmsNorm::new(
+                    d,
+                    cfg.rms_norm_eps,
+                    lb.pp("post_attention_layernorm"),
+                )?,
+                mlp: Mlp::new(cfg, lb.pp("mlp"), plan)?,
+            });
+        }
+        let norm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("llm.norm"))?;
+        let lm_head = vb.get_with_hints((cfg.vocab_size, d), "lm_head.weight", init)?;
+        let vision = Vision::new(cfg, vb.clone(), vb_train)?;
+        let half = cfg.head_dim() / 2;
+        let mut cos = Vec::with_capacity(cfg.max_position_embeddings * half);
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for pos in 0..cfg.max_position_embeddings {
+            for i in 0..half {
+                let f = pos as f64 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64);
+                cos.push(f.cos() as f32);
+                sin.push(f.sin() as f32);
+            }
+        }
+        let shape = (cfg.max_position_embeddings, half);
+        Ok(NanoModel {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            vision,
+            cos: Tensor::from_vec(cos, shape, &device)?,
+            sin: Tensor::from_vec(sin, shape, &device)?,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &NanoConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every adapted linear, for methods that inspect layer inputs or weights.
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .collect()
+    }
+
+    /// Embeds `seqs` (each a list of slots, all the same length) with `images[b]` feeding the
+    /// patch slots of sequence b. One gather keeps it differentiable and cheap.
+    pub fn embed(&self, seqs: &[Vec<Slot>], images: &[Option<&RgbImage>]) -> Result<Tensor> {
+        let b = seqs.len();
+        let t = seqs.first().map_or(0, Vec::len);
+        let present: Vec<&RgbImage> = images.iter().flatten().copied().collect();
+        let mut offsets = Vec::with_capacity(b);
+        let mut acc = 0usize;
+        for img in images {
+            offsets.push(acc);
+            if let Some(i) = img {
+                acc += ((i.width() / self.cfg.patch_size as u32)
+                    * (i.height() / self.cfg.patch_size as u32)) as usize;
+            }
+        }
+        let ids: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .map(|slot| if let Slot::Token(id) = slot { *id } else { 0 })
+            })
+            .collect();
+        let text = self
+            .embed_tokens
+            .index_select(&Tensor::new(ids, &self.device)?, 0)?;
+        if acc == 0 {
+            return text.reshape((b, t, self.cfg.hidden_size));
+        }
+        let patches = self.vision.forward(&present, &self.device)?;
+        let mut idx = Vec::with_capacity(b * t);
+        for (bi, s) in seqs.iter().enumerate() {
+            for (ti, slot) in s.iter().enumerate() {
+                idx.push(match slot {
+                    Slot::Token(_) => (bi * t + ti) as u32,
+                    Slot::Patch(p) => (b * t + offsets[bi] + p) as u32,
+                });
+            }
+        }
+        let all = Tensor::cat(&[text, patches], 0)?;
+        all.index_select(&Tensor::new(idx, &self.device)?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Decoder forward: `x` [B, T, d], `positions` [B*T], `mask` additive [B, 1, T, T_past+T].
+    pub fn decode(
+        &self,
+        x: &Tensor,
+        positions: &[u32],
+        mask: &Tensor,
+        cache: &mut KvCache,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let pos = Tensor::new(positions, &self.device)?;
+        let half = self.cfg.head_dim() / 2;
+        let rot = Rot {
+            cos: self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?,
+            sin: self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?,
+        };
+        if cache.len() != self.layers.len() {
+            *cache = vec![None; self.layers.len()];
+        }
+        let mut h = x.clone();
+        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
+            let a =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&h)?, &rot, mask, c, ctx)?;
+            h = (h + a)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&h)?, ctx)?;
+            h = (h + m)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits of hidden states [N, d] -> [N, vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden.matmul(&self.lm_head.t()?)
+    }
+
+    /// Additive causal mask with key padding: `valid[b][j]` says whether key j is real.
+    pub fn mask(&self, valid: &[Vec<bool>], t_new: usize) -> Result<Tensor> {
+        let b = valid.len();
+        let tk = valid.first().map_or(0, Vec::len);
+        let past = tk - t_new;
+        let mut m = vec![0f32; b * t_new * tk];
+        for (bi, v) in valid.iter().enumerate() {
+            for i in 0..t_new {
+                for (j, ok) in v.iter().enumerate() {
+                    if !ok || j > past + i {
+                        m[(bi * t_new + i) * tk + j] = -1e9;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, t_new, tk), &self.device)
+    }
+
+    /// Row `i` of the lm-head weights (for tests).
+    pub fn lm_head_row(&self, i: usize) -> Result<Tensor> {
+        self.lm_head.i(i)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+}

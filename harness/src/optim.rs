@@ -1,0 +1,160 @@
+//! AdamW (Loshchilov & Hutter, decoupled weight decay) with the paper's betas/eps/weight decay,
+//! global-norm gradient clipping, and a cosine schedule with linear warmup and a floor. The
+//! harness owns it; methods never step parameters themselves. State is kept per variable name
+//! (BTreeMap) so it can be cached with a stage and so frozen variables keep untouched state.
+
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The paper's optimizer (lr is the profile's choice).
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.05,
+            grad_clip: 1.0,
+            warmup_ratio: 0.03,
+            min_lr_ratio: 0.05,
+        }
+    }
+}
+
+/// Learning rate at `step` (0-based) of `total`: linear warmup, then cosine down to
+/// `min_lr_ratio * lr`.
+pub fn lr_at(cfg: &AdamWConfig, step: usize, total: usize) -> f64 {
+    let warm = ((total as f64) * cfg.warmup_ratio).ceil().max(1.0) as usize;
+    if step < warm {
+        return cfg.lr * (step + 1) as f64 / warm as f64;
+    }
+    let span = (total.saturating_sub(warm)).max(1) as f64;
+    let p = ((step - warm) as f64 / span).min(1.0);
+    let min = cfg.lr * cfg.min_lr_ratio;
+    min + (cfg.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+}
+
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+    t: u64,
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    state: BTreeMap<String, Moments>,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig) -> Self {
+        AdamW {
+            cfg,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Global L2 norm of the gradients of `vars`.
+    pub fn grad_norm(vars: &BTreeMap<String, Var>, grads: &GradStore) -> Result<f64> {
+        let mut sq = 0f64;
+        for v in vars.values() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// One step over `vars` with learning rate `lr`. A variable without a gradient (frozen by
+    /// a method) is skipped entirely: no parameter change and no moment update.
+    pub fn step(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &GradStore,
+        lr: f64,
+        clip_scale: f64,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        for (name, var) in vars {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = if clip_scale < 1.0 {
+                (g * clip_scale)?
+            } else {
+                g.clone()
+            };
+            let st = match self.state.get_mut(name) {
+                Some(s) => s,
+                None => {
+                    let z = var.as_tensor().zeros_like()?;
+                    self.state.entry(name.clone()).or_insert(Moments {
+                        m: z.clone(),
+                        v: z,
+                        t: 0,
+                    })
+                }
+            };
+            st.t += 1;
+            st.m = ((&st.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            st.v = ((&st.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let mh = (&st.m / (1.0 - c.beta1.powi(st.t as i32)))?;
+            let vh = (&st.v / (1.0 - c.beta2.powi(st.t as i32)))?;
+            let upd = (mh / (vh.sqrt()? + c.eps)?)?;
+            let theta = var.as_tensor();
+            let new = ((theta * (1.0 - lr * c.weight_decay))? - (upd * lr)?)?;
+            var.set(&new)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_the_floor() {
+        let c = AdamWConfig {
+            lr: 1.0,
+            warmup_ratio: 0.1,
+            ..Default::default()
+        };
+        assert!((lr_at(&c, 0, 100) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&c, 9, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&c, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&c, 99, 100) - 0.05).abs() < 0.01);
+        assert!(lr_at(&c, 50, 100) < 1.0 && lr_at(&c, 50, 100) > 0.05);
+    }
+
+    #[test]
+    fn first_step_matches_the_closed_form() {
+        // After one step, m_hat = g and v_hat = g^2, so theta' = theta (1 - lr wd) - lr g/(|g|+eps).
+        let v = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let loss = (v.as_tensor() * 3.0).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("w".to_string(), v.clone());
+        let mut opt = AdamW::new(AdamWConfig::default());
+        opt.step(&vars, &grads, 0.1, 1.0).unwrap();
+        let got = v.as_tensor().to_vec1::<f32>().unwrap();
+        let want = |t: f64| t * (1.0 - 0.1 * 0.05) - 0.1 * 3.0 / (3.0 + 1e-6);
+        assert!((f64::from(got[0]) - want(1.0)).abs() < 1e-6);
+        assert!((f64::from(got[1]) - want(-2.0)).abs() < 1e-6);
+    }
+}

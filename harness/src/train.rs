@@ -1,0 +1,142 @@
+//! The harness-owned training loop: seeded shuffling, AdamW with clipping and a cosine
+//! schedule, a NaN/Inf check that stops the stage naming the step, and a progress bar.
+
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use candle_core::Var;
+use cnext_adapters::Ctx;
+use cnext_backbones::{Backbone, Example};
+use cnext_datasets::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub optim: AdamWConfig,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    pub steps: usize,
+    /// Mean loss over the first and last (up to) 10 steps.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{label}: step {step}: loss is {loss} (not finite); stopping the stage")]
+    NonFinite {
+        label: String,
+        step: usize,
+        loss: f32,
+    },
+    #[error("{label}: no training examples")]
+    Empty { label: String },
+    #[error("{label}: step {step}: {source}")]
+    Candle {
+        label: String,
+        step: usize,
+        source: candle_core::Error,
+    },
+}
+
+/// Trains `vars` (the backbone's trainable variables) on `examples`. `label` names the stage in
+/// errors and the progress bar.
+pub fn train(
+    backbone: &dyn Backbone,
+    vars: &BTreeMap<String, Var>,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    label: &str,
+    progress: bool,
+) -> Result<StageStats, TrainError> {
+    if examples.is_empty() {
+        return Err(TrainError::Empty {
+            label: label.into(),
+        });
+    }
+    let mut rng = Rng::derive(cfg.seed, label);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    rng.shuffle(&mut order);
+    let mut cursor = 0;
+    let mut opt = AdamW::new(cfg.optim.clone());
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(cfg.steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(label.to_string());
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let mut batch = Vec::with_capacity(cfg.batch_size);
+        for _ in 0..cfg.batch_size.min(examples.len()) {
+            if cursor == order.len() {
+                rng.shuffle(&mut order);
+                cursor = 0;
+            }
+            batch.push(examples[order[cursor]].clone());
+            cursor += 1;
+        }
+        let err = |source| TrainError::Candle {
+            label: label.into(),
+            step,
+            source,
+        };
+        let ctx = Ctx {
+            train: true,
+            step_seed: cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
+        };
+        let loss = backbone.loss(&batch, ctx).map_err(err)?;
+        let lv = loss.to_scalar::<f32>().map_err(err)?;
+        if !lv.is_finite() {
+            return Err(TrainError::NonFinite {
+                label: label.into(),
+                step,
+                loss: lv,
+            });
+        }
+        let grads = loss.backward().map_err(err)?;
+        let norm = AdamW::grad_norm(vars, &grads).map_err(err)?;
+        let scale = if norm > cfg.optim.grad_clip {
+            cfg.optim.grad_clip / norm
+        } else {
+            1.0
+        };
+        let lr = lr_at(&cfg.optim, step, cfg.steps);
+        opt.step(vars, &grads, lr, scale).map_err(err)?;
+        losses.push(f64::from(lv));
+        bar.inc(1);
+        if step % 10 == 0 {
+            bar.set_message(format!("loss {lv:.4}"));
+        }
+    }
+    bar.finish_and_clear();
+    let k = losses.len().min(10);
+    let mean = |s: &[f64]| {
+        if s.is_empty() {
+            f64::NAN
+        } else {
+            s.iter().sum::<f64>() / s.len() as f64
+        }
+    };
+    Ok(StageStats {
+        steps: cfg.steps,
+        first_loss: mean(&losses[..k]),
+        last_loss: mean(&losses[losses.len() - k..]),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
