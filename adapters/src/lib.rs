@@ -220,58 +220,33 @@ pub fn linear(
     })
 }
 
-/// Inverted dropout with a mask from our own seeded generator.
+/// Inverted dropout with a mask from our own seeded generator (a counter-based hash per
+/// element: cheap, and identical for a seed on any thread count).
 fn dropout(x: &Tensor, p: f32, seed: u64, name: &str) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
-    let u = normal_values(seed, name, n, 1.0);
-    // Φ^-1 is not needed: P(N(0,1) > z) = p gives the keep decision.
-    let z = inv_normal_tail(p as f64) as f32;
-    let keep: Vec<f32> = u
-        .iter()
-        .map(|&v| if v > z { 0.0 } else { 1.0 / (1.0 - p) })
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let threshold = (f64::from(p) * (1u64 << 32) as f64) as u64;
+    let scale = 1.0 / (1.0 - p);
+    let keep: Vec<f32> = (0..x.elem_count() as u64)
+        .map(|i| {
+            let mut z = h.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            if ((z ^ (z >> 31)) >> 32) < threshold {
+                0.0
+            } else {
+                scale
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(keep, x.shape(), x.device())?;
     x.mul(&mask)
-}
-
-/// z such that P(N(0,1) > z) = p (bisection; p is a fixed config value, so this is cheap).
-fn inv_normal_tail(p: f64) -> f64 {
-    let tail = |z: f64| 0.5 * erfc(z / std::f64::consts::SQRT_2);
-    let (mut lo, mut hi) = (-10.0, 10.0);
-    for _ in 0..80 {
-        let mid = (lo + hi) / 2.0;
-        if tail(mid) > p {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    (lo + hi) / 2.0
-}
-
-fn erfc(x: f64) -> f64 {
-    // Numerical Recipes erfc (fractional error < 1.2e-7).
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
 }
 
 impl Linear {

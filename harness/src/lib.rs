@@ -1,5 +1,11 @@
 //! The harness: the training loop, optimizer and schedule that every method shares, and
 //! evaluation. Methods supply hooks; the harness owns the loop and its counters.
 
+pub mod assets;
+pub mod clip;
+pub mod eval;
 pub mod optim;
+pub mod pretrain;
+pub mod run;
+pub mod tasks;
 pub mod train;

@@ -93,10 +93,13 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // A gradient still references the step's forward graph; folded into the moments
+            // undetached, it would keep every step's graph alive (memory grows without bound).
+            let g = g.detach();
             let g = if clip_scale < 1.0 {
                 (g * clip_scale)?
             } else {
-                g.clone()
+                g
             };
             let st = match self.state.get_mut(name) {
                 Some(s) => s,

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn cnext(args: &[&str]) -> Output {
+    // Tests run in parallel: one thread per training process avoids oversubscription.
     Command::new(env!("CARGO_BIN_EXE_cnext"))
+        .env("RAYON_NUM_THREADS", "1")
         .args(args)
         .output()
         .expect("run cnext")
@@ -213,4 +215,69 @@ fn bad_arguments_fail_cleanly() {
     let o = cnext(&["metrics", "--matrix", "/nonexistent/m.csv"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/nonexistent/m.csv"));
+}
+
+#[test]
+fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let o = cnext(&[
+        "run",
+        "--method",
+        "lora",
+        "--profile",
+        "smoke",
+        "--steps",
+        "3",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Avg.ACC"), "{}", stdout(&o));
+    // The matrix CSV is what `cnext metrics` reads.
+    let m = cnext(&[
+        "metrics",
+        "--matrix",
+        out.join("matrix.csv").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    let csv = std::fs::read_to_string(out.join("matrix.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "{csv}");
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res["stages"].as_array().unwrap().len(), 6);
+    // Predictions per stage and task in the official format; images for image tasks.
+    let p = out.join("predictions/stage6/vqav2/merge.jsonl");
+    let first = std::fs::read_to_string(&p).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert!(rec["question_id"].is_u64() && rec["model_id"] == "lora");
+    let img_pred =
+        std::fs::read_to_string(out.join("predictions/stage3/flickr30k/merge.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(img_pred.lines().next().unwrap()).unwrap();
+    let png = out
+        .join("predictions/stage3/flickr30k")
+        .join(rec["text"].as_str().unwrap());
+    assert!(png.exists(), "{}", png.display());
+    // The zero-shot rows are identical at every stage.
+    let o = cnext(&[
+        "run",
+        "--method",
+        "zero_shot",
+        "--profile",
+        "smoke",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--out",
+        tmp.path().join("zs").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let zs = std::fs::read_to_string(tmp.path().join("zs/matrix.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = zs.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    for j in 1..rows.len() {
+        assert_eq!(rows[j][..j], rows[j - 1][..j]);
+    }
 }

@@ -1,0 +1,252 @@
+//! The cached base assets of a profile: tokenizer, VQ codebook and the pretrained nano base.
+//! Built deterministically on first use and cached under a key that hashes everything that
+//! shapes them; written to a temp folder and renamed, so a killed build never leaves an entry
+//! that looks complete.
+
+use crate::optim::AdamWConfig;
+use crate::pretrain;
+use crate::train::{train, TrainConfig, TrainError};
+use candle_core::{Device, Tensor};
+use cnext_backbones::nano::backbone::NanoBackbone;
+use cnext_backbones::nano::build::{load_base, save_base, CheckpointError};
+use cnext_backbones::nano::config::NanoConfig;
+use cnext_backbones::nano::tokenizer::Tokenizer;
+use cnext_backbones::nano::vq::Codebook;
+use cnext_core::TaskId;
+use cnext_datasets::loader::{load_train, DataError, TrainItem};
+use cnext_datasets::rng::Rng;
+use cnext_datasets::scene::Scene;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Which nano size a profile uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelSize {
+    Mini,
+    Smoke,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseConfig {
+    pub size: ModelSize,
+    pub seed: u64,
+    pub pretrain: TrainConfig,
+    /// Distinct pretraining examples generated (the loop cycles through them).
+    pub examples: usize,
+    pub codebook_size: usize,
+    pub min_word_count: usize,
+}
+
+impl BaseConfig {
+    pub fn mini(seed: u64) -> Self {
+        BaseConfig {
+            size: ModelSize::Mini,
+            seed,
+            pretrain: TrainConfig {
+                steps: 1500,
+                batch_size: 32,
+                optim: AdamWConfig {
+                    lr: 2e-3,
+                    weight_decay: 0.0,
+                    warmup_ratio: 0.05,
+                    ..Default::default()
+                },
+                seed,
+            },
+            examples: 24_000,
+            codebook_size: 256,
+            min_word_count: 3,
+        }
+    }
+
+    pub fn smoke(seed: u64) -> Self {
+        BaseConfig {
+            size: ModelSize::Smoke,
+            pretrain: TrainConfig {
+                steps: 60,
+                batch_size: 16,
+                ..Self::mini(seed).pretrain
+            },
+            examples: 1_000,
+            ..Self::mini(seed)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("{path}: {source}")]
+    Checkpoint {
+        path: PathBuf,
+        source: CheckpointError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A loaded base.
+pub struct Base {
+    pub dir: PathBuf,
+    pub cfg: NanoConfig,
+    pub weights: BTreeMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+    pub codebook: Codebook,
+    /// Set when this call built the base: (seconds, first loss, last loss).
+    pub built: Option<(f64, f64, f64)>,
+}
+
+/// FNV-1a 64 of a string, hex: cache keys.
+pub fn fnv_hex(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Every text of the six tasks' train files, for the vocabulary.
+fn task_texts(data_root: &Path) -> Result<Vec<String>, DataError> {
+    let mut out = vec![];
+    for task in TaskId::ALL {
+        for s in load_train(&data_root.join(task.as_str()), task)? {
+            match s.item {
+                TrainItem::Conversation { turns, .. } => {
+                    for t in turns {
+                        out.push(t.prompt);
+                        out.push(t.answer);
+                    }
+                }
+                TrainItem::TextToImage { prompt, .. } => out.push(prompt),
+                TrainItem::Edit { instruction, .. } => out.push(instruction),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the base for `cfg` from `cache`, building it first if needed.
+pub fn ensure_base(
+    cache: &Path,
+    data_root: &Path,
+    cfg: &BaseConfig,
+    progress: bool,
+) -> Result<Base, AssetError> {
+    let key = fnv_hex(&format!(
+        "{}|{}|{}",
+        serde_json::to_string(cfg).unwrap_or_default(),
+        env!("CARGO_PKG_VERSION"),
+        std::fs::read_to_string(data_root.join("manifest.json")).unwrap_or_default()
+    ));
+    let dir = cache
+        .join("base")
+        .join(format!("{:?}-{key}", cfg.size).to_lowercase());
+    let dev = Device::Cpu;
+    let mut built = None;
+    if !dir.join("model.safetensors").exists() {
+        built = Some(build(&dir, data_root, cfg, progress)?);
+    }
+    let (ncfg, weights, tokenizer, codebook) =
+        load_base(&dir, &dev).map_err(|source| AssetError::Checkpoint {
+            path: dir.clone(),
+            source,
+        })?;
+    Ok(Base {
+        dir,
+        cfg: ncfg,
+        weights,
+        tokenizer,
+        codebook,
+        built,
+    })
+}
+
+fn build(
+    dir: &Path,
+    data_root: &Path,
+    cfg: &BaseConfig,
+    progress: bool,
+) -> Result<(f64, f64, f64), AssetError> {
+    let t0 = std::time::Instant::now();
+    let mut rng = Rng::derive(cfg.seed, "codebook");
+    let scenes: Vec<_> = (0..4000)
+        .map(|_| Scene::random(&mut rng, 1, 4).render())
+        .collect();
+    let codebook = Codebook::learn(&scenes, cfg.codebook_size, 10, cfg.seed);
+    let mut texts = pretrain::corpus(cfg.seed, cfg.examples);
+    texts.extend(task_texts(data_root)?);
+    let tokenizer = Tokenizer::build(
+        texts.iter().map(String::as_str),
+        cfg.min_word_count,
+        codebook.len() as u32,
+    );
+    let ncfg = match cfg.size {
+        ModelSize::Mini => NanoConfig::mini(tokenizer.vocab_size()),
+        ModelSize::Smoke => NanoConfig::smoke(tokenizer.vocab_size()),
+    };
+    let words: Vec<String> = (0..tokenizer.vocab_size() as u32)
+        .map(|i| tokenizer.decode(&[i]))
+        .filter(|w| w.len() > 1)
+        .collect();
+    let examples = pretrain::mix(cfg.seed, cfg.examples, &words);
+    let model = NanoBackbone::init_pretrain(
+        &ncfg,
+        tokenizer.clone(),
+        codebook.clone(),
+        cfg.seed,
+        &Device::Cpu,
+    )?;
+    let vars = cnext_backbones::Backbone::trainable(&model);
+    let stats = train(
+        &model,
+        &vars,
+        &examples,
+        &cfg.pretrain,
+        "pretrain base",
+        progress,
+    )?;
+    let weights: BTreeMap<String, Tensor> = model.trainable_tensors();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|source| AssetError::Io {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        fnv_hex(&dir.display().to_string())
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    save_base(&tmp, &ncfg, &weights, &tokenizer, &codebook).map_err(|source| {
+        AssetError::Checkpoint {
+            path: tmp.clone(),
+            source,
+        }
+    })?;
+    if dir.exists() {
+        // Another process finished first: keep theirs.
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|source| AssetError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok((
+        t0.elapsed().as_secs_f64(),
+        stats.first_loss,
+        stats.last_loss,
+    ))
+}

@@ -1,0 +1,118 @@
+//! Evaluation of one task: batched greedy generation, then the task's scorer (text scorers
+//! from cnext-core; clip_t / clip_i through any `ClipModel`). Predictions are kept in the
+//! official merge.jsonl record format.
+
+use crate::tasks::{output_kind, EvalItem, Reference};
+use cnext_backbones::{Backbone, Output, Prompt};
+use cnext_core::scoring::clip::{clip_i, clip_t, ClipModel};
+use cnext_core::scoring::Compat;
+use cnext_datasets::formats::PredictionRecord;
+use cnext_datasets::TaskSpec;
+use image::RgbImage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{task}: generation failed: {source}")]
+    Generate {
+        task: String,
+        source: candle_core::Error,
+    },
+    #[error("{task}: question {qid}: {msg}")]
+    Score {
+        task: String,
+        qid: String,
+        msg: String,
+    },
+}
+
+/// The outcome of evaluating one task.
+#[derive(Debug, Clone)]
+pub struct TaskEval {
+    /// Percent (text tasks) or mean CLIP score (image tasks).
+    pub accuracy: f64,
+    pub predictions: Vec<PredictionRecord>,
+    /// Generated images (image tasks), by question id, in the order of `predictions`.
+    pub images: Vec<RgbImage>,
+    pub scores: Vec<f64>,
+}
+
+/// Generates and scores `items`. `image_path` names the file a generated image is saved to
+/// (the prediction's `text`).
+pub fn evaluate<C: ClipModel<Image = RgbImage>>(
+    backbone: &dyn Backbone,
+    spec: &TaskSpec,
+    items: &[EvalItem],
+    clip: Option<&C>,
+    batch: usize,
+    model_id: &str,
+    image_path: &dyn Fn(&str) -> String,
+) -> Result<TaskEval, EvalError> {
+    let task = spec.id.to_string();
+    let kind = output_kind(spec.id);
+    let mut out = TaskEval {
+        accuracy: 0.0,
+        predictions: vec![],
+        images: vec![],
+        scores: vec![],
+    };
+    for chunk in items.chunks(batch.max(1)) {
+        let prompts: Vec<Prompt> = chunk.iter().map(|i| i.prompt.clone()).collect();
+        let gens = backbone
+            .generate(&prompts, kind, 32)
+            .map_err(|source| EvalError::Generate {
+                task: task.clone(),
+                source,
+            })?;
+        for (item, g) in chunk.iter().zip(gens) {
+            let qid = item.question_id.to_string();
+            let err = |msg: String| EvalError::Score {
+                task: task.clone(),
+                qid: qid.clone(),
+                msg,
+            };
+            let (text, score) = match (&item.reference, g) {
+                (Reference::Text(refs), Output::Text(t)) => {
+                    let s = spec
+                        .scorer
+                        .score_text(&t, refs, Compat::Correct)
+                        .map_err(|e| err(e.to_string()))?;
+                    (t, s.score)
+                }
+                (Reference::Caption(c), Output::Image(img)) => {
+                    let s = match clip {
+                        Some(m) => {
+                            clip_t(m, Some(&img), c).map_err(|e| err(e.to_string()))? / 100.0
+                        }
+                        None => return Err(err("clip_t needs the CLIP-like scorer".into())),
+                    };
+                    out.images.push(img);
+                    (image_path(&qid), s)
+                }
+                (Reference::Image(target), Output::Image(img)) => {
+                    let s = match clip {
+                        Some(m) => {
+                            clip_i(m, Some(&img), target).map_err(|e| err(e.to_string()))? / 100.0
+                        }
+                        None => return Err(err("clip_i needs the CLIP-like scorer".into())),
+                    };
+                    out.images.push(img);
+                    (image_path(&qid), s)
+                }
+                (_, Output::Text(t)) => (t, 0.0),
+                (_, Output::Image(_)) => (String::new(), 0.0),
+            };
+            out.scores.push(score);
+            out.predictions.push(PredictionRecord {
+                question_id: item.question_id.clone(),
+                prompt: item.prompt.text.clone(),
+                text,
+                answer_id: format!("{model_id}-{qid}"),
+                model_id: model_id.to_string(),
+                metadata: Default::default(),
+            });
+        }
+    }
+    let n = out.scores.len().max(1) as f64;
+    out.accuracy = 100.0 * out.scores.iter().sum::<f64>() / n;
+    Ok(out)
+}
