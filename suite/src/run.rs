@@ -114,8 +114,9 @@ pub(crate) fn run_cmd(
         opt2(m.image_avg),
     ]);
     println!("{t2}");
-    let train_s: f64 = r.stages.iter().map(|s| s.seconds).sum();
-    let eval_s: f64 = r.eval_seconds.iter().sum();
+    // `+ 0.0`: an empty float sum is -0.0, which would print as "-0.0 s".
+    let train_s: f64 = r.stages.iter().map(|s| s.seconds).sum::<f64>() + 0.0;
+    let eval_s: f64 = r.eval_seconds.iter().sum::<f64>() + 0.0;
     println!(
         "wrote {} (setup {setup:.1} s, training {train_s:.1} s, evaluation {eval_s:.1} s, total {:.1} s)",
         out.display(),

@@ -31,6 +31,17 @@ fn init_value(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     normal_values(seed, name, n, std)
 }
 
+/// The variables of a VarMap by name, in a stable order.
+fn varmap_vars(vm: &VarMap) -> Result<BTreeMap<String, Var>> {
+    Ok(vm
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
 fn reinit(vm: &VarMap, seed: u64) -> Result<()> {
     let data = vm
         .data()
@@ -57,13 +68,7 @@ impl NanoBackbone {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
         let model = NanoModel::new(cfg, vb.clone(), vb, &AdapterPlan::none())?;
         reinit(&vm, seed)?;
-        let vars: BTreeMap<String, Var> = vm
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let vars = varmap_vars(&vm)?;
         Ok(NanoBackbone {
             model,
             tokenizer,
@@ -100,13 +105,7 @@ impl NanoBackbone {
         }
         let vb_train = VarBuilder::from_varmap(&vm, DType::F32, dev);
         let model = NanoModel::new(cfg, vb, vb_train, &plan)?;
-        let extra = vm
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let extra = varmap_vars(&vm)?;
         Ok(NanoBackbone {
             model,
             tokenizer,
