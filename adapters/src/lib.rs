@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_nn::VarBuilder;
+use cnext_core::rng::{fnv1a, mix64, Rng, FNV_OFFSET, GAMMA};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -121,22 +122,11 @@ impl AdapterPlan {
 
 /// Deterministic N(0, std^2) values from a seed and a name (Box-Muller over SplitMix64).
 pub fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let mut next = move || {
-        h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = h;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = Rng::new(fnv1a(FNV_OFFSET ^ seed, name.as_bytes()));
     (0..n)
         .map(|_| {
-            let u1 = next().max(1e-300);
-            let u2 = next();
+            let u1 = rng.unit().max(1e-300);
+            let u2 = rng.unit();
             ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
         })
         .collect()
@@ -226,19 +216,12 @@ fn dropout(x: &Tensor, p: f32, seed: u64, name: &str) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = fnv1a(FNV_OFFSET ^ seed, name.as_bytes());
     let threshold = (f64::from(p) * (1u64 << 32) as f64) as u64;
     let scale = 1.0 / (1.0 - p);
     let keep: Vec<f32> = (0..x.elem_count() as u64)
         .map(|i| {
-            let mut z = h.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            if ((z ^ (z >> 31)) >> 32) < threshold {
+            if (mix64(h.wrapping_add(i.wrapping_mul(GAMMA))) >> 32) < threshold {
                 0.0
             } else {
                 scale

@@ -4,6 +4,7 @@
 
 pub mod matrix;
 pub mod metrics;
+pub mod rng;
 pub mod scoring;
 mod task;
 

@@ -9,7 +9,8 @@ pub mod font;
 pub mod formats;
 pub mod generate;
 pub mod loader;
-pub mod rng;
+/// The seeded generator, re-exported where the generator's users have always found it.
+pub use cnext_core::rng;
 pub mod scene;
 pub mod spec;
 pub mod tasks;

@@ -109,11 +109,7 @@ pub struct Base {
 
 /// FNV-1a 64 of a string, hex: cache keys.
 pub fn fnv_hex(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = cnext_core::rng::fnv1a(cnext_core::rng::FNV_OFFSET, s.as_bytes());
     format!("{h:016x}")
 }
 

@@ -3,6 +3,7 @@
 //! images. An image becomes one code per patch (raster order); codes decode back to pixels by
 //! tiling the centroids.
 
+use cnext_core::rng::{Rng, GAMMA};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -56,14 +57,8 @@ impl Codebook {
                 centroids: vec![vec![255.0; DIM]],
             };
         }
-        let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut unit = move || {
-            rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rng = Rng::new(seed ^ GAMMA);
+        let mut unit = move || rng.unit();
         // k-means++ seeding (weighted by patch frequency).
         let mut cents: Vec<Vec<f32>> = vec![pts[0].0.clone()];
         let mut d: Vec<f32> = pts.iter().map(|(p, _)| dist2(p, &cents[0])).collect();

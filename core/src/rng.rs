@@ -1,5 +1,29 @@
-//! A small seeded generator (SplitMix64). The data must be byte-identical for a seed on every
-//! machine and every version of our dependencies, so we do not depend on `rand`'s stream.
+//! A small seeded generator (SplitMix64) and FNV-1a hashing. Data, weight initialisation,
+//! dropout masks and shuffles must be identical for a seed on every machine and every version
+//! of our dependencies (and candle's CPU RNG cannot be seeded), so every crate draws from here.
+
+/// The FNV-1a 64-bit offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// SplitMix64's increment (the golden-ratio constant).
+pub const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// FNV-1a of `bytes`, starting from `init` (use [`FNV_OFFSET`], possibly mixed with a seed).
+pub fn fnv1a(init: u64, bytes: &[u8]) -> u64 {
+    let mut h = init;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64's output function: a strong mix of one 64-bit value (also usable as a
+/// counter-based hash: `mix64(key + i * GAMMA)`).
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// SplitMix64: tiny, fast, and statistically fine for sampling scenes.
 #[derive(Debug, Clone)]
@@ -15,23 +39,15 @@ impl Rng {
     /// A generator for a named sub-stream, so that adding a task or a split never shifts
     /// the samples of another one.
     pub fn derive(seed: u64, label: &str) -> Self {
-        // FNV-1a over the label, mixed with the seed.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in label.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = fnv1a(FNV_OFFSET, label.as_bytes());
         let mut r = Rng::new(seed ^ h.rotate_left(17));
         r.next_u64();
         r
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix64(self.state)
     }
 
     /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
