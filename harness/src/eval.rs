@@ -4,7 +4,7 @@
 
 use crate::tasks::{output_kind, EvalItem, Reference};
 use cnext_backbones::{Backbone, Output, Prompt};
-use cnext_core::scoring::clip::{clip_i, clip_t, ClipModel};
+use cnext_core::scoring::clip::{clip_i, clip_t, ClipError, ClipModel};
 use cnext_core::scoring::Compat;
 use cnext_datasets::formats::PredictionRecord;
 use cnext_datasets::TaskSpec;
@@ -34,6 +34,21 @@ pub struct TaskEval {
     /// Generated images (image tasks), by question id, in the order of `predictions`.
     pub images: Vec<RgbImage>,
     pub scores: Vec<f64>,
+}
+
+/// clip_t against a caption, clip_i against a target image, in [0, 1] units (CLIP points / 100);
+/// a text reference cannot be matched by an image and scores 0.
+fn clip_score<C: ClipModel<Image = RgbImage>>(
+    m: &C,
+    img: &RgbImage,
+    reference: &Reference,
+) -> Result<f64, ClipError<C::Error>> {
+    let points = match reference {
+        Reference::Caption(c) => clip_t(m, Some(img), c)?,
+        Reference::Image(target) => clip_i(m, Some(img), target)?,
+        Reference::Text(_) => 0.0,
+    };
+    Ok(points / 100.0)
 }
 
 /// Generates and scores `items`. `image_path` names the file a generated image is saved to
@@ -78,23 +93,10 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
                         .map_err(|e| err(e.to_string()))?;
                     (t, s.score)
                 }
-                (Reference::Caption(c), Output::Image(img)) => {
-                    let s = match clip {
-                        Some(m) => {
-                            clip_t(m, Some(&img), c).map_err(|e| err(e.to_string()))? / 100.0
-                        }
-                        None => return Err(err("clip_t needs the CLIP-like scorer".into())),
-                    };
-                    out.images.push(img);
-                    (image_path(&qid), s)
-                }
-                (Reference::Image(target), Output::Image(img)) => {
-                    let s = match clip {
-                        Some(m) => {
-                            clip_i(m, Some(&img), target).map_err(|e| err(e.to_string()))? / 100.0
-                        }
-                        None => return Err(err("clip_i needs the CLIP-like scorer".into())),
-                    };
+                (Reference::Caption(_) | Reference::Image(_), Output::Image(img)) => {
+                    let m =
+                        clip.ok_or_else(|| err("image tasks need the CLIP-like scorer".into()))?;
+                    let s = clip_score(m, &img, &item.reference).map_err(|e| err(e.to_string()))?;
                     out.images.push(img);
                     (image_path(&qid), s)
                 }

@@ -30,6 +30,17 @@ pub enum MethodId {
     UpperBound,
 }
 
+impl MethodId {
+    /// The id as the CLI, run folders and prediction records spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodId::ZeroShot => "zero_shot",
+            MethodId::Lora => "lora",
+            MethodId::UpperBound => "upper_bound",
+        }
+    }
+}
+
 impl std::str::FromStr for MethodId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -110,6 +121,7 @@ pub struct RunResult {
 
 /// Writes a file through a temp file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    use std::io::Write;
     let io = |source| RunError::Io {
         path: path.to_path_buf(),
         source,
@@ -118,7 +130,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
         std::fs::create_dir_all(p).map_err(io)?;
     }
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
@@ -176,7 +189,7 @@ pub fn run<C: ClipModel<Image = RgbImage>>(
         &Device::Cpu,
     )?;
     let vars = cnext_backbones::Backbone::trainable(&model);
-    let model_id = format!("{:?}", cfg.method).to_lowercase();
+    let model_id = cfg.method.as_str();
     let image_path = |qid: &str| format!("{qid}.png");
     let eval_task = |t: TaskId, stage: usize| -> Result<f64, RunError> {
         let ev = evaluate(
@@ -185,7 +198,7 @@ pub fn run<C: ClipModel<Image = RgbImage>>(
             &eval_sets[&t],
             Some(clip),
             cfg.eval_batch,
-            &model_id,
+            model_id,
             &image_path,
         )?;
         save_eval(out, stage, t, &ev)?;

@@ -123,12 +123,14 @@ fn only_adapters_and_projector_train_and_names_are_peft_like() {
 #[test]
 fn base_stays_bit_identical_and_loss_decreases() {
     let (m, w) = lora_model(2);
-    let before: Vec<Vec<f32>> = m
-        .model
-        .linears()
-        .iter()
-        .map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap())
-        .collect();
+    let base_weights = |m: &NanoBackbone| -> Vec<Vec<f32>> {
+        m.model
+            .linears()
+            .iter()
+            .map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let before = base_weights(&m);
     let vars = m.trainable();
     // A new answer format (upper case) that only the adapter can learn; the loss is measured
     // on the same fixed batch before and after training.
@@ -156,12 +158,7 @@ fn base_stays_bit_identical_and_loss_decreases() {
     train(&m, &vars, &ex, &quick_cfg(80), "test", false).unwrap();
     let l1 = fixed(&m);
     assert!(l1 < 0.5 * l0, "LoRA loss on a fixed batch {l0} -> {l1}");
-    let after: Vec<Vec<f32>> = m
-        .model
-        .linears()
-        .iter()
-        .map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap())
-        .collect();
+    let after = base_weights(&m);
     assert_eq!(before, after);
     // The base map itself was never touched either.
     let q = &w["llm.layers.0.self_attn.q_proj.weight"];

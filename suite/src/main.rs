@@ -1,7 +1,7 @@
 //! `cnext`: generate Continual-NExT-mini, score prediction files written by any framework, and
 //! compute the protocol's metrics from an accuracy matrix.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cnext_core::metrics::{fmt2, Metrics};
 use cnext_core::scoring::Compat;
@@ -10,7 +10,6 @@ use cnext_datasets::evaluate::{read_predictions, score_text_task};
 use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use comfy_table::Table;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -337,7 +336,7 @@ fn score(
             body.push_str(&serde_json::to_string(p)?);
             body.push('\n');
         }
-        write_atomic(&out, body.as_bytes())?;
+        cnext_harness::run::write_atomic(&out, body.as_bytes())?;
     }
     if json {
         let obj = serde_json::json!({
@@ -375,27 +374,3 @@ fn score(
 }
 
 mod run;
-
-/// Writes through a temp file in the same folder and renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
-    if !path.exists() {
-        bail!("{}: rename did not produce the file", path.display());
-    }
-    Ok(())
-}

@@ -70,10 +70,7 @@ pub(crate) fn run_cmd(
     let out = out.unwrap_or_else(|| {
         cache.join("runs").join(format!(
             "{}-{order}-{}-seed{seed}",
-            serde_json::to_value(method)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            method.as_str(),
             profile.as_str()
         ))
     });
