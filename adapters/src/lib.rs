@@ -246,8 +246,7 @@ impl Linear {
     }
 
     pub fn forward_ctx(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        let mut y = x.broadcast_matmul(&w)?;
+        let mut y = cnext_kernels::frozen_matmul(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -103,6 +103,8 @@ pub struct Base {
     pub weights: BTreeMap<String, Tensor>,
     pub tokenizer: Tokenizer,
     pub codebook: Codebook,
+    /// Where the weights live (and where runs on this base train).
+    pub device: Device,
     /// Set when this call built the base: (seconds, first loss, last loss).
     pub built: Option<(f64, f64, f64)>,
 }
@@ -138,6 +140,7 @@ pub fn ensure_base(
     cache: &Path,
     data_root: &Path,
     cfg: &BaseConfig,
+    dev: &Device,
     progress: bool,
 ) -> Result<Base, AssetError> {
     let key = fnv_hex(&format!(
@@ -149,13 +152,12 @@ pub fn ensure_base(
     let dir = cache
         .join("base")
         .join(format!("{:?}-{key}", cfg.size).to_lowercase());
-    let dev = Device::Cpu;
     let mut built = None;
     if !dir.join("model.safetensors").exists() {
-        built = Some(build(&dir, data_root, cfg, progress)?);
+        built = Some(build(&dir, data_root, cfg, dev, progress)?);
     }
     let (ncfg, weights, tokenizer, codebook) =
-        load_base(&dir, &dev).map_err(|source| AssetError::Checkpoint {
+        load_base(&dir, dev).map_err(|source| AssetError::Checkpoint {
             path: dir.clone(),
             source,
         })?;
@@ -165,6 +167,7 @@ pub fn ensure_base(
         weights,
         tokenizer,
         codebook,
+        device: dev.clone(),
         built,
     })
 }
@@ -173,6 +176,7 @@ fn build(
     dir: &Path,
     data_root: &Path,
     cfg: &BaseConfig,
+    dev: &Device,
     progress: bool,
 ) -> Result<(f64, f64, f64), AssetError> {
     let t0 = std::time::Instant::now();
@@ -197,13 +201,8 @@ fn build(
         .filter(|w| w.len() > 1)
         .collect();
     let examples = pretrain::mix(cfg.seed, cfg.examples, &words);
-    let model = NanoBackbone::init_pretrain(
-        &ncfg,
-        tokenizer.clone(),
-        codebook.clone(),
-        cfg.seed,
-        &Device::Cpu,
-    )?;
+    let model =
+        NanoBackbone::init_pretrain(&ncfg, tokenizer.clone(), codebook.clone(), cfg.seed, dev)?;
     let vars = cnext_backbones::Backbone::trainable(&model);
     let stats = train(
         &model,

@@ -6,6 +6,7 @@ use crate::tasks::{output_kind, EvalItem, Reference};
 use cnext_backbones::{Backbone, Output, Prompt};
 use cnext_core::scoring::clip::{clip_i, clip_t, ClipError, ClipModel};
 use cnext_core::scoring::Compat;
+use cnext_datasets::evaluate::score_text_sample;
 use cnext_datasets::formats::PredictionRecord;
 use cnext_datasets::TaskSpec;
 use image::RgbImage;
@@ -87,11 +88,9 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
             };
             let (text, score) = match (&item.reference, g) {
                 (Reference::Text(refs), Output::Text(t)) => {
-                    let s = spec
-                        .scorer
-                        .score_text(&t, refs, Compat::Correct)
+                    let (s, _) = score_text_sample(spec.scorer, &t, refs, Compat::Correct)
                         .map_err(|e| err(e.to_string()))?;
-                    (t, s.score)
+                    (t, s)
                 }
                 (Reference::Caption(_) | Reference::Image(_), Output::Image(img)) => {
                     let m =

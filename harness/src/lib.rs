@@ -3,6 +3,7 @@
 
 pub mod assets;
 pub mod clip;
+pub mod device;
 pub mod eval;
 pub mod optim;
 pub mod pretrain;

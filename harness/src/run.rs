@@ -7,7 +7,6 @@ use crate::eval::{evaluate, EvalError, TaskEval};
 use crate::optim::AdamWConfig;
 use crate::tasks::{eval_items, train_examples, EvalItem};
 use crate::train::{train, StageStats, TrainConfig, TrainError};
-use candle_core::Device;
 use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::nano::backbone::NanoBackbone;
 use cnext_backbones::Example;
@@ -116,7 +115,17 @@ pub struct RunResult {
     /// Seconds spent evaluating after each stage.
     pub eval_seconds: Vec<f64>,
     pub base: String,
+    /// Where it trained (`cpu`, `cuda:0`): matrices are deterministic per machine and device.
+    pub device: String,
     pub versions: BTreeMap<String, String>,
+}
+
+fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// Writes a file through a temp file and a rename.
@@ -186,7 +195,7 @@ pub fn run<C: ClipModel<Image = RgbImage>>(
         base.tokenizer.clone(),
         base.codebook.clone(),
         plan,
-        &Device::Cpu,
+        &base.device,
     )?;
     let vars = cnext_backbones::Backbone::trainable(&model);
     let model_id = cfg.method.as_str();
@@ -282,6 +291,7 @@ pub fn run<C: ClipModel<Image = RgbImage>>(
         stages,
         eval_seconds,
         base: base.dir.display().to_string(),
+        device: device_name(&base.device),
         versions,
     };
     write_atomic(

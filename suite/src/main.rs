@@ -6,9 +6,10 @@ use clap::{Parser, Subcommand};
 use cnext_core::metrics::{fmt2, Metrics};
 use cnext_core::scoring::Compat;
 use cnext_core::{AccuracyMatrix, TaskId};
-use cnext_datasets::evaluate::{read_predictions, score_text_task};
+use cnext_datasets::evaluate::{read_predictions, score_task};
 use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
+use cnext_harness::device::DeviceSpec;
 use comfy_table::Table;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,6 +59,9 @@ enum Cmd {
         out: Option<PathBuf>,
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Where the backbone trains: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
     /// Build (or load) the cached pretrained nano base of a profile.
     Base {
@@ -68,6 +72,9 @@ enum Cmd {
         /// Cache folder (default target/cnext).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Where the backbone trains: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
     /// Score official-format predictions (merge.jsonl) against a task's test annotations.
     Score {
@@ -85,6 +92,15 @@ enum Cmd {
         /// Write one JSON line per sample (prediction, answer, score).
         #[arg(long)]
         per_sample: Option<PathBuf>,
+        /// Image tasks: the profile whose CLIP-like scorer scores them (trained on first use).
+        #[arg(long, default_value = "mini", value_parser = parse_profile)]
+        profile: DataProfile,
+        /// Image tasks: the seed of that scorer.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image tasks: cache folder holding the scorer (default target/cnext).
+        #[arg(long)]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -143,7 +159,8 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             seed,
             cache,
-        } => base(profile, seed, cache).map(|_| ()),
+            device,
+        } => base(profile, seed, cache, device).map(|_| ()),
         Cmd::Run {
             method,
             order,
@@ -152,7 +169,8 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             out,
             cache,
-        } => crate::run::run_cmd(method, order, profile, seed, steps, out, cache),
+            device,
+        } => crate::run::run_cmd(method, order, profile, seed, steps, out, cache, device),
         Cmd::Score {
             task,
             annotations,
@@ -160,7 +178,18 @@ fn run(cli: Cli) -> Result<()> {
             compat,
             json,
             per_sample,
-        } => score(task, &annotations, &predictions, compat, json, per_sample),
+            profile,
+            seed,
+            cache,
+        } => score(
+            task,
+            &annotations,
+            &predictions,
+            compat,
+            json,
+            per_sample,
+            || crate::run::ensure_clip(&cache_dir(cache), profile, seed),
+        ),
     }
 }
 
@@ -224,6 +253,7 @@ pub(crate) fn base(
     profile: DataProfile,
     seed: u64,
     cache: Option<PathBuf>,
+    device: DeviceSpec,
 ) -> Result<cnext_harness::assets::Base> {
     use cnext_harness::assets::{ensure_base, BaseConfig};
     let cache = cache_dir(cache);
@@ -232,7 +262,7 @@ pub(crate) fn base(
         DataProfile::Mini => BaseConfig::mini(seed),
         DataProfile::Smoke => BaseConfig::smoke(seed),
     };
-    let b = ensure_base(&cache, &root, &cfg, true)?;
+    let b = ensure_base(&cache, &root, &cfg, &device.open()?, true)?;
     match b.built {
         Some((s, l0, l1)) => eprintln!(
             "built base {} in {s:.1} s (pretraining loss {l0:.3} -> {l1:.3})",
@@ -318,6 +348,7 @@ fn metrics(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Scores a prediction file; `clip` loads the CLIP-like scorer, called for image tasks only.
 fn score(
     task: TaskId,
     annotations: &Path,
@@ -325,11 +356,16 @@ fn score(
     compat: Compat,
     json: bool,
     per_sample: Option<PathBuf>,
+    clip: impl FnOnce() -> Result<cnext_harness::clip::TinyClip>,
 ) -> Result<()> {
     let spec = TaskSpec::of(task);
     let tests = load_test_file(annotations, task, ImageCheck::PathsOnly)?;
     let preds = read_predictions(predictions)?;
-    let s = score_text_task(&spec, &tests, &preds, predictions, compat)?;
+    let clip = match spec.output() {
+        cnext_core::Modality::Image => Some(clip()?),
+        cnext_core::Modality::Text => None,
+    };
+    let s = score_task(&spec, &tests, &preds, predictions, compat, clip.as_ref())?;
     if let Some(out) = per_sample {
         let mut body = String::new();
         for p in &s.per_sample {

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use cnext_core::Order;
 use cnext_datasets::DataProfile;
 use cnext_harness::clip::{train_tiny_clip, ClipTrainConfig, TinyClip};
+use cnext_harness::device::DeviceSpec;
 use cnext_harness::run::{run, MethodId, RunConfig};
 use comfy_table::Table;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,7 @@ pub(crate) fn ensure_clip(cache: &Path, profile: DataProfile, seed: u64) -> Resu
     Ok(m)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_cmd(
     method: MethodId,
     order: Order,
@@ -53,11 +55,12 @@ pub(crate) fn run_cmd(
     steps: Option<usize>,
     out: Option<PathBuf>,
     cache: Option<PathBuf>,
+    device: DeviceSpec,
 ) -> Result<()> {
     let t0 = std::time::Instant::now();
     let cache = cache_dir(cache);
     let data = ensure_data(&cache, profile, seed)?;
-    let b = base(profile, seed, Some(cache.clone()))?;
+    let b = base(profile, seed, Some(cache.clone()), device)?;
     let clip = ensure_clip(&cache, profile, seed)?;
     let steps = steps.unwrap_or(match profile {
         DataProfile::Mini => 300,

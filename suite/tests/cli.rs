@@ -169,6 +169,7 @@ fn score_grounding_with_box_iou() {
     let (tmp, root) = smoke();
     let ann = root.join("refcoco/test.json");
     let pred = tmp.path().join("merge.jsonl");
+    let no_cache = tmp.path().join("no-cache");
     write(
         &pred,
         &predictions(&ann, |i, a| {
@@ -188,8 +189,14 @@ fn score_grounding_with_box_iou() {
         "--predictions",
         pred.to_str().unwrap(),
         "--json",
+        "--cache",
+        no_cache.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !no_cache.exists(),
+        "a text task must not load or train the scorer"
+    );
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["accuracy"], serde_json::json!(33.33));
     assert_eq!(v["format_errors"], 4);
@@ -262,6 +269,45 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
         .join("predictions/stage3/flickr30k")
         .join(rec["text"].as_str().unwrap());
     assert!(png.exists(), "{}", png.display());
+    // `cnext score` rescores the saved image predictions with the cached scorer and agrees
+    // with the run's last matrix row.
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let last: Vec<&str> = csv.lines().nth(6).unwrap().split(',').collect();
+    for task in ["hqedit", "flickr30k"] {
+        let col = header.iter().position(|h| *h == task).unwrap();
+        let cell: f64 = last[col].parse().unwrap();
+        let ann = cache.join("data/smoke-seed0").join(task).join("test.json");
+        let pred = out
+            .join("predictions/stage6")
+            .join(task)
+            .join("merge.jsonl");
+        let o = cnext(&[
+            "score",
+            "--task",
+            task,
+            "--profile",
+            "smoke",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--annotations",
+            ann.to_str().unwrap(),
+            "--predictions",
+            pred.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{task}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("training"), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(
+            v["scorer"],
+            if task == "hqedit" { "clip_i" } else { "clip_t" }
+        );
+        assert_eq!(
+            v["accuracy"],
+            serde_json::json!(cnext_core::metrics::round2(cell)),
+            "{task}: matrix.csv has {cell}"
+        );
+    }
     // The zero-shot rows are identical at every stage.
     let o = cnext(&[
         "run",

@@ -100,7 +100,7 @@ impl NanoBackbone {
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?;
             for (k, v) in base.iter().filter(|(k, _)| k.starts_with("projector.")) {
-                d.insert(k.clone(), Var::from_tensor(&v.copy()?)?);
+                d.insert(k.clone(), Var::from_tensor(&v.to_device(dev)?.copy()?)?);
             }
         }
         let vb_train = VarBuilder::from_varmap(&vm, DType::F32, dev);

@@ -1,0 +1,171 @@
+//! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
+//! usage: probe <cache> <task> <steps> <lr> [rank]
+use candle_core::Device;
+use cnext_adapters::{AdapterPlan, LoraConfig};
+use cnext_backbones::nano::backbone::NanoBackbone;
+use cnext_core::TaskId;
+use cnext_datasets::loader::load_task;
+use cnext_datasets::TaskSpec;
+use cnext_harness::assets::{ensure_base, BaseConfig};
+use cnext_harness::clip::TinyClip;
+use cnext_harness::eval::evaluate;
+use cnext_harness::optim::AdamWConfig;
+use cnext_harness::tasks::{eval_items, train_examples};
+use cnext_harness::train::{train, TrainConfig};
+use std::path::PathBuf;
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let cache = PathBuf::from(&a[1]);
+    if a[2] == "pre" {
+        return pre(&cache);
+    }
+    let task: TaskId = a[2].parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let steps: usize = a[3].parse()?;
+    let lr: f64 = a[4].parse()?;
+    let rank: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8);
+    let root = cache.join("data/mini-seed0");
+    let base = ensure_base(&cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
+    let clipdir = std::fs::read_dir(cache.join("clip"))?
+        .next()
+        .unwrap()?
+        .path();
+    let clip = TinyClip::load(&clipdir)?;
+    let d = load_task(&root, task)?;
+    let tr = train_examples(&d)?;
+    let ev = eval_items(&d)?;
+    let lora = LoraConfig {
+        r: rank,
+        alpha: rank as f64,
+        ..LoraConfig::default()
+    };
+    let plan = if steps == 0 {
+        AdapterPlan::none()
+    } else {
+        AdapterPlan::lora(lora, 0)
+    };
+    let model = NanoBackbone::from_base(
+        &base.cfg,
+        &base.weights,
+        base.tokenizer.clone(),
+        base.codebook.clone(),
+        plan,
+        &Device::Cpu,
+    )?;
+    let vars = cnext_backbones::Backbone::trainable(&model);
+    if steps > 0 {
+        let tc = TrainConfig {
+            steps,
+            batch_size: 32,
+            optim: AdamWConfig {
+                lr,
+                ..Default::default()
+            },
+            seed: 0,
+        };
+        let s = train(&model, &vars, &tr, &tc, "probe", true)?;
+        println!(
+            "train {:.1}s loss {:.3}->{:.3}",
+            s.seconds, s.first_loss, s.last_loss
+        );
+    }
+    if task == TaskId::Hqedit {
+        let (mut a, mut b, mut n) = (0.0, 0.0, 0.0);
+        for it in &ev {
+            if let cnext_harness::tasks::Reference::Image(t) = &it.reference {
+                let src = it.prompt.image.as_ref().unwrap();
+                let vq = base.codebook.decode(&base.codebook.encode(t), 3, 3);
+                a += cnext_core::scoring::clip::clip_i(&clip, Some(&vq), t)?;
+                b += cnext_core::scoring::clip::clip_i(&clip, Some(src), t)?;
+                n += 1.0;
+            }
+        }
+        println!(
+            "ceiling: clip_i(vq(target), target) {:.2}; clip_i(source, target) {:.2}",
+            a / n,
+            b / n
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let e = evaluate(
+        &model,
+        &TaskSpec::of(task),
+        &ev,
+        Some(&clip),
+        64,
+        "probe",
+        &|q: &str| format!("{q}.png"),
+    )?;
+    println!(
+        "{task} acc {:.2} (eval {:.1}s)",
+        e.accuracy,
+        t0.elapsed().as_secs_f64()
+    );
+    for (p, (it, sc)) in e.predictions.iter().zip(ev.iter().zip(&e.scores)).take(12) {
+        let r = match &it.reference {
+            cnext_harness::tasks::Reference::Text(v) => v[0].clone(),
+            _ => String::new(),
+        };
+        println!(
+            "  {:?} -> {:?} (ref {:?}) {:.2}",
+            it.prompt.text, p.text, r, sc
+        );
+    }
+    Ok(())
+}
+
+fn pre(cache: &std::path::Path) -> anyhow::Result<()> {
+    use cnext_backbones::{Backbone, Output, OutputKind, Target};
+    let root = cache.join("data/mini-seed0");
+    let base = ensure_base(cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
+    let model = NanoBackbone::from_base(
+        &base.cfg,
+        &base.weights,
+        base.tokenizer.clone(),
+        base.codebook.clone(),
+        AdapterPlan::none(),
+        &Device::Cpu,
+    )?;
+    let ex = cnext_harness::pretrain::mix(12345, 800, &[]);
+    let mut by: std::collections::BTreeMap<String, (usize, usize, Vec<String>)> =
+        Default::default();
+    let text: Vec<_> = ex
+        .iter()
+        .filter(|e| matches!(e.target, Target::Text(_)))
+        .collect();
+    for chunk in text.chunks(64) {
+        let prompts: Vec<_> = chunk.iter().map(|e| e.prompt.clone()).collect();
+        let out = model.generate(&prompts, OutputKind::Text, 40)?;
+        for (e, o) in chunk.iter().zip(out) {
+            let key: String = e
+                .prompt
+                .text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let key = if key.starts_with("Which cell") {
+                "Which cell".into()
+            } else {
+                key
+            };
+            let (Target::Text(t), Output::Text(o)) = (&e.target, o) else {
+                continue;
+            };
+            let ent = by.entry(key).or_default();
+            ent.1 += 1;
+            if o.trim() == t.trim() {
+                ent.0 += 1
+            } else if ent.2.len() < 3 {
+                ent.2.push(format!("{:?} want {:?}", o, t));
+            }
+        }
+    }
+    for (k, (ok, n, bad)) in by {
+        println!("{k}: {ok}/{n}");
+        for b in bad {
+            println!("    {b}");
+        }
+    }
+    Ok(())
+}
