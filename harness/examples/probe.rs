@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
             },
             seed: 0,
         };
-        let s = train(&model, &vars, &tr, &tc, "probe", true)?;
+        let s = train(&model, &vars, &tr, &tc, "probe", true, &mut ())?;
         println!(
             "train {:.1}s loss {:.3}->{:.3}",
             s.seconds, s.first_loss, s.last_loss

@@ -211,6 +211,7 @@ fn build(
         &cfg.pretrain,
         "pretrain base",
         progress,
+        &mut (),
     )?;
     let weights: BTreeMap<String, Tensor> = model.trainable_tensors();
     let parent = dir.parent().unwrap_or(Path::new("."));

@@ -1,8 +1,8 @@
 //! The harness-owned training loop: seeded shuffling, AdamW with clipping and a cosine
 //! schedule, a NaN/Inf check that stops the stage naming the step, and a progress bar.
 
+use crate::method::{Hooks, Vars};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use candle_core::Var;
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
 use cnext_datasets::rng::Rng;
@@ -46,15 +46,16 @@ pub enum TrainError {
     },
 }
 
-/// Trains `vars` (the backbone's trainable variables) on `examples`. `label` names the stage in
-/// errors and the progress bar.
+/// Trains `vars` (the backbone's trainable variables) on `examples`, calling a method's step
+/// hooks (`&mut ()` for none). `label` names the stage in errors and the progress bar.
 pub fn train(
     backbone: &dyn Backbone,
-    vars: &BTreeMap<String, Var>,
+    vars: &Vars,
     examples: &[Example],
     cfg: &TrainConfig,
     label: &str,
     progress: bool,
+    hooks: &mut dyn Hooks,
 ) -> Result<StageStats, TrainError> {
     if examples.is_empty() {
         return Err(TrainError::Empty {
@@ -128,6 +129,7 @@ pub fn train(
             step_seed: cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
         };
         let loss = backbone.loss(&batch, ctx).map_err(err)?;
+        let loss = hooks.loss(loss, vars).map_err(err)?;
         let lv = loss.to_scalar::<f32>().map_err(err)?;
         if !lv.is_finite() {
             return Err(TrainError::NonFinite {
@@ -136,7 +138,8 @@ pub fn train(
                 loss: lv,
             });
         }
-        let grads = loss.backward().map_err(err)?;
+        let mut grads = loss.backward().map_err(err)?;
+        hooks.adjust_grads(&mut grads, vars).map_err(err)?;
         let norm = AdamW::grad_norm(vars, &grads).map_err(err)?;
         let scale = if norm > cfg.optim.grad_clip {
             cfg.optim.grad_clip / norm
@@ -145,6 +148,7 @@ pub fn train(
         };
         let lr = lr_at(&cfg.optim, step, cfg.steps);
         opt.step(vars, &grads, lr, scale).map_err(err)?;
+        hooks.after_step(&grads, vars).map_err(err)?;
         losses.push(f64::from(lv));
         bar.inc(1);
         if step % 10 == 0 {

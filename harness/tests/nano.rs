@@ -76,7 +76,16 @@ fn build_base() -> (Parts, f64, f64) {
     let cfg = NanoConfig::smoke(tok.vocab_size());
     let base = NanoBackbone::init_pretrain(&cfg, tok.clone(), cb.clone(), 0, &Device::Cpu).unwrap();
     let vars = base.trainable();
-    let stats = train(&base, &vars, &ex, &quick_cfg(80), "pretrain", false).unwrap();
+    let stats = train(
+        &base,
+        &vars,
+        &ex,
+        &quick_cfg(80),
+        "pretrain",
+        false,
+        &mut (),
+    )
+    .unwrap();
     let w = base
         .trainable_tensors()
         .into_iter()
@@ -155,7 +164,7 @@ fn base_stays_bit_identical_and_loss_decreases() {
         "pretraining {pre_first} -> {pre_last}"
     );
     let l0 = fixed(&m);
-    train(&m, &vars, &ex, &quick_cfg(80), "test", false).unwrap();
+    train(&m, &vars, &ex, &quick_cfg(80), "test", false, &mut ()).unwrap();
     let l1 = fixed(&m);
     assert!(l1 < 0.5 * l0, "LoRA loss on a fixed batch {l0} -> {l1}");
     let after = base_weights(&m);
@@ -219,7 +228,16 @@ fn lora_with_zero_b_leaves_outputs_unchanged() {
 fn generation_is_deterministic_and_kv_cache_equals_full_recompute() {
     let (m, _) = lora_model(4);
     let vars = m.trainable();
-    train(&m, &vars, &examples(32, 7), &quick_cfg(30), "gen", false).unwrap();
+    train(
+        &m,
+        &vars,
+        &examples(32, 7),
+        &quick_cfg(30),
+        "gen",
+        false,
+        &mut (),
+    )
+    .unwrap();
     let prompts: Vec<Prompt> = examples(6, 9).into_iter().map(|e| e.prompt).collect();
     let a = m.generate(&prompts, OutputKind::Text, 6).unwrap();
     let b = m.generate(&prompts, OutputKind::Text, 6).unwrap();
@@ -293,7 +311,7 @@ fn a_diverging_stage_stops_with_an_error_naming_the_step() {
     let mut cfg = quick_cfg(20);
     cfg.optim.lr = 1e30;
     cfg.optim.warmup_ratio = 0.0;
-    let err = train(&m, &vars, &examples(16, 2), &cfg, "vqav2", false).unwrap_err();
+    let err = train(&m, &vars, &examples(16, 2), &cfg, "vqav2", false, &mut ()).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("vqav2: step ") && msg.contains("not finite"),

@@ -10,6 +10,7 @@ use cnext_datasets::evaluate::{read_predictions, score_task};
 use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use cnext_harness::device::DeviceSpec;
+use cnext_suite::setup::{cache_dir, ensure_clip, ensure_profile_base};
 use comfy_table::Table;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -43,8 +44,9 @@ enum Cmd {
     /// Train and evaluate one method over one task order (generates data, base and scorer on
     /// first use), print the accuracy matrix and metrics, and write the run folder.
     Run {
-        #[arg(long, default_value = "lora")]
-        method: cnext_harness::run::MethodId,
+        /// A registered method (`cnext_baselines::ALL`).
+        #[arg(long, default_value = "lora", value_parser = parse_method)]
+        method: &'static cnext_harness::method::MethodEntry,
         #[arg(long, default_value = "default_order")]
         order: cnext_core::Order,
         #[arg(long, default_value = "mini", value_parser = parse_profile)]
@@ -126,6 +128,15 @@ enum DataCmd {
     },
 }
 
+fn parse_method(s: &str) -> Result<&'static cnext_harness::method::MethodEntry, String> {
+    cnext_baselines::find(s).ok_or_else(|| {
+        format!(
+            "unknown method `{s}` (expected one of: {})",
+            cnext_baselines::ids().join(", ")
+        )
+    })
+}
+
 fn parse_profile(s: &str) -> Result<DataProfile, String> {
     match s {
         "mini" => Ok(DataProfile::Mini),
@@ -160,7 +171,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             cache,
             device,
-        } => base(profile, seed, cache, device).map(|_| ()),
+        } => ensure_profile_base(&cache_dir(cache), profile, seed, device).map(|_| ()),
         Cmd::Run {
             method,
             order,
@@ -188,7 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             compat,
             json,
             per_sample,
-            || crate::run::ensure_clip(&cache_dir(cache), profile, seed),
+            || ensure_clip(&cache_dir(cache), profile, seed),
         ),
     }
 }
@@ -219,58 +230,6 @@ fn generate(profile: DataProfile, seed: u64, out: Option<PathBuf>, force: bool) 
         profile.as_str()
     );
     Ok(())
-}
-
-pub(crate) fn cache_dir(cache: Option<PathBuf>) -> PathBuf {
-    cache
-        .or_else(|| std::env::var_os("CNEXT_CACHE_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("target/cnext"))
-}
-
-/// The generated data of a profile, generated on first use.
-pub(crate) fn ensure_data(cache: &Path, profile: DataProfile, seed: u64) -> Result<PathBuf> {
-    let root = cache
-        .join("data")
-        .join(format!("{}-seed{seed}", profile.as_str()));
-    let cfg = GenConfig::new(profile, seed);
-    match cnext_datasets::generate::read_manifest(&root) {
-        Some(m)
-            if m.config == cfg
-                && m.generator_version == cnext_datasets::generate::GENERATOR_VERSION => {}
-        _ => {
-            eprintln!(
-                "generating {} data into {}",
-                profile.as_str(),
-                root.display()
-            );
-            cnext_datasets::generate(&root, &cfg, true)?;
-        }
-    }
-    Ok(root)
-}
-
-pub(crate) fn base(
-    profile: DataProfile,
-    seed: u64,
-    cache: Option<PathBuf>,
-    device: DeviceSpec,
-) -> Result<cnext_harness::assets::Base> {
-    use cnext_harness::assets::{ensure_base, BaseConfig};
-    let cache = cache_dir(cache);
-    let root = ensure_data(&cache, profile, seed)?;
-    let cfg = match profile {
-        DataProfile::Mini => BaseConfig::mini(seed),
-        DataProfile::Smoke => BaseConfig::smoke(seed),
-    };
-    let b = ensure_base(&cache, &root, &cfg, &device.open()?, true)?;
-    match b.built {
-        Some((s, l0, l1)) => eprintln!(
-            "built base {} in {s:.1} s (pretraining loss {l0:.3} -> {l1:.3})",
-            b.dir.display()
-        ),
-        None => eprintln!("base {} (cached)", b.dir.display()),
-    }
-    Ok(b)
 }
 
 fn check(root: &Path) -> Result<()> {

@@ -1,54 +1,19 @@
 //! `cnext run`: the main job.
 
-use crate::{base, cache_dir, ensure_data, opt2};
-use anyhow::{Context, Result};
+use crate::opt2;
+use anyhow::Result;
 use cnext_core::Order;
 use cnext_datasets::DataProfile;
-use cnext_harness::clip::{train_tiny_clip, ClipTrainConfig, TinyClip};
 use cnext_harness::device::DeviceSpec;
-use cnext_harness::run::{run, MethodId, RunConfig};
+use cnext_harness::method::MethodEntry;
+use cnext_harness::run::run;
+use cnext_suite::setup::{cache_dir, run_config, Bench};
 use comfy_table::Table;
-use std::path::{Path, PathBuf};
-
-/// The CLIP-like scorer of a seed, trained once and cached.
-pub(crate) fn ensure_clip(cache: &Path, profile: DataProfile, seed: u64) -> Result<TinyClip> {
-    let cfg = match profile {
-        DataProfile::Mini => ClipTrainConfig {
-            seed,
-            ..ClipTrainConfig::default()
-        },
-        // Plumbing only: a few steps, so the smoke suite stays fast.
-        DataProfile::Smoke => ClipTrainConfig {
-            seed,
-            steps: 40,
-            batch_size: 32,
-            heldout: 32,
-            ..ClipTrainConfig::default()
-        },
-    };
-    let key = cnext_harness::assets::fnv_hex(&serde_json::to_string(&cfg)?);
-    let dir = cache.join("clip").join(key);
-    if let Ok(m) = TinyClip::load(&dir) {
-        return Ok(m);
-    }
-    eprintln!("training the CLIP-like scorer ...");
-    let (m, report) = train_tiny_clip(&cfg, true)?;
-    eprintln!(
-        "scorer trained in {:.1} s; held-out image->text R@1 = {:.3}",
-        report.seconds, report.r1_heldout
-    );
-    m.save(&dir)
-        .with_context(|| format!("saving the scorer to {}", dir.display()))?;
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    Ok(m)
-}
+use std::path::PathBuf;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_cmd(
-    method: MethodId,
+    method: &MethodEntry,
     order: Order,
     profile: DataProfile,
     seed: u64,
@@ -59,26 +24,19 @@ pub(crate) fn run_cmd(
 ) -> Result<()> {
     let t0 = std::time::Instant::now();
     let cache = cache_dir(cache);
-    let data = ensure_data(&cache, profile, seed)?;
-    let b = base(profile, seed, Some(cache.clone()), device)?;
-    let clip = ensure_clip(&cache, profile, seed)?;
-    let steps = steps.unwrap_or(match profile {
-        DataProfile::Mini => 300,
-        DataProfile::Smoke => 20,
-    });
-    let mut cfg = RunConfig::new(method, order, seed, steps);
-    if profile == DataProfile::Smoke {
-        cfg.stage.batch_size = 8;
-    }
+    let bench = Bench::open(profile, seed, cache.clone(), device)?;
+    let cfg = run_config(profile, order, seed, steps);
     let out = out.unwrap_or_else(|| {
         cache.join("runs").join(format!(
             "{}-{order}-{}-seed{seed}",
-            method.as_str(),
+            method.id,
             profile.as_str()
         ))
     });
+    let mut chain = bench.chain(&cfg, method)?;
+    chain.progress = true;
     let setup = t0.elapsed().as_secs_f64();
-    let r = run(&cfg, &b, &data, &clip, &out, true)?;
+    let r = run(&chain, &out)?;
     let mut table = Table::new();
     let mut header = vec!["stage".to_string()];
     header.extend(r.matrix.tasks().iter().map(|t| t.to_string()));
@@ -115,11 +73,13 @@ pub(crate) fn run_cmd(
     ]);
     println!("{t2}");
     // `+ 0.0`: an empty float sum is -0.0, which would print as "-0.0 s".
-    let train_s: f64 = r.stages.iter().map(|s| s.seconds).sum::<f64>() + 0.0;
+    let train_s: f64 = r.stages.iter().flatten().map(|s| s.seconds).sum::<f64>() + 0.0;
+    let cached = r.trained_now.iter().filter(|t| !**t).count();
     let eval_s: f64 = r.eval_seconds.iter().sum::<f64>() + 0.0;
     println!(
-        "wrote {} (setup {setup:.1} s, training {train_s:.1} s, evaluation {eval_s:.1} s, total {:.1} s)",
+        "wrote {} ({cached} of {} stages from the cache; setup {setup:.1} s, training {train_s:.1} s, evaluation {eval_s:.1} s, total {:.1} s)",
         out.display(),
+        r.trained_now.len(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())

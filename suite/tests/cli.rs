@@ -229,7 +229,7 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("run");
-    let o = cnext(&[
+    let args: Vec<String> = [
         "run",
         "--method",
         "lora",
@@ -241,7 +241,11 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
         cache.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = cnext(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Avg.ACC"), "{}", stdout(&o));
     // The matrix CSV is what `cnext metrics` reads.
@@ -254,6 +258,21 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
     assert!(m.status.success(), "{}", stderr(&m));
     let csv = std::fs::read_to_string(out.join("matrix.csv")).unwrap();
     assert_eq!(csv.lines().count(), 7, "{csv}");
+    // The same run again trains nothing: every stage comes from the stage cache, same matrix.
+    let again = tmp.path().join("again");
+    let mut args = args.clone();
+    *args.last_mut().unwrap() = again.to_str().unwrap().to_string();
+    let o2 = cnext(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    assert!(
+        stdout(&o2).contains("6 of 6 stages from the cache"),
+        "{}",
+        stdout(&o2)
+    );
+    assert_eq!(
+        std::fs::read_to_string(again.join("matrix.csv")).unwrap(),
+        csv
+    );
     let res: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(res["stages"].as_array().unwrap().len(), 6);

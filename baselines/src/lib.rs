@@ -1,0 +1,53 @@
+//! Continual-learning methods, one file per method (Mammoth-style): each file exports one
+//! [`MethodEntry`] and is listed once in [`ALL`]. The harness owns the loop, the optimizer and
+//! the stage cache; a method only supplies hooks (`cnext_harness::method`).
+
+use cnext_harness::method::MethodEntry;
+
+pub mod lora;
+pub mod upper_bound;
+pub mod zero_shot;
+
+/// Every registered method, in listing order.
+pub const ALL: &[MethodEntry] = &[zero_shot::ENTRY, lora::ENTRY, upper_bound::ENTRY];
+
+/// The entry of a method id.
+pub fn find(id: &str) -> Option<&'static MethodEntry> {
+    ALL.iter().find(|e| e.id == id)
+}
+
+/// The registered ids, for error messages and `--help`.
+pub fn ids() -> Vec<&'static str> {
+    ALL.iter().map(|e| e.id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn ids_are_unique_lowercase_match_their_method_and_every_file_is_listed() {
+        let ids: BTreeSet<&str> = ALL.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), ALL.len(), "duplicate ids");
+        for e in ALL {
+            assert!(
+                e.id.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}",
+                e.id
+            );
+            assert_eq!((e.new)().id(), e.id);
+        }
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let files: BTreeSet<String> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|f| f.unwrap().file_name().to_string_lossy().to_string())
+            .filter_map(|f| f.strip_suffix(".rs").map(str::to_string))
+            .filter(|f| f != "lib")
+            .collect();
+        let listed: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+        assert_eq!(files, listed, "each method file must be listed in ALL");
+        assert!(find("lora").is_some() && find("nope").is_none());
+    }
+}

@@ -1,0 +1,30 @@
+//! Zero-shot: the pretrained base with no adapter and no training (the paper's Zero-shot row).
+//! Every stage evaluates the same model, so its matrix rows are identical; the suite checks it.
+
+use cnext_adapters::{AdapterPlan, LoraConfig};
+use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule};
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    id: "zero_shot",
+    about: "the base model, untrained",
+    new: || Box::new(ZeroShot),
+};
+
+pub struct ZeroShot;
+
+impl Hooks for ZeroShot {}
+
+impl Method for ZeroShot {
+    fn id(&self) -> &'static str {
+        ENTRY.id
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    fn schedule(&self) -> Schedule {
+        Schedule::Frozen
+    }
+    fn adapters(&self, _lora: &LoraConfig, _seed: u64) -> AdapterPlan {
+        AdapterPlan::none()
+    }
+}

@@ -1,0 +1,116 @@
+//! The seam between the harness and a continual-learning method (Mammoth-style): the harness
+//! owns the loop, the optimizer, the counters and the stage cache; a method supplies a few
+//! hooks. Step-level hooks live in [`Hooks`] (pretraining uses `()`), task-level ones in
+//! [`Method`].
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use cnext_adapters::{AdapterPlan, LoraConfig};
+use cnext_backbones::{Backbone, Example};
+use cnext_core::TaskId;
+use std::collections::BTreeMap;
+
+/// The trainable variables of a model, by full weight name.
+pub type Vars = BTreeMap<String, Var>;
+
+/// How a method uses the stages of an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// No training: every stage evaluates the base (zero-shot).
+    Frozen,
+    /// One stage per task, in order (the continual setting).
+    Sequential,
+    /// One joint stage on the union of all tasks (the multitask upper bound).
+    Joint,
+}
+
+/// What a task-level hook knows about the stage.
+#[derive(Debug, Clone, Copy)]
+pub struct StageInfo<'a> {
+    /// 1-based stage number.
+    pub stage: usize,
+    pub task: TaskId,
+    /// The tasks of the order, all of them.
+    pub order: &'a [TaskId],
+}
+
+/// Hooks called by the training loop at every step, in this order: `loss` (add a penalty),
+/// backward, `adjust_grads` (edit gradients: projection, freezing), the optimizer step,
+/// `after_step` (EMA-style updates). A variable without a gradient after `adjust_grads` is
+/// not touched by the optimizer, state included.
+pub trait Hooks {
+    fn loss(&mut self, loss: Tensor, _vars: &Vars) -> Result<Tensor> {
+        Ok(loss)
+    }
+    fn adjust_grads(&mut self, _grads: &mut GradStore, _vars: &Vars) -> Result<()> {
+        Ok(())
+    }
+    fn after_step(&mut self, _grads: &GradStore, _vars: &Vars) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No hooks (pretraining, and methods that only train).
+impl Hooks for () {}
+
+/// A continual-learning method. `config` must capture every knob: it is part of the stage
+/// cache key.
+pub trait Method: Hooks + Send {
+    /// Lowercase registry id (`lora`, `ewc`, ...).
+    fn id(&self) -> &'static str;
+    /// The method's knobs as JSON (cache key, results.json).
+    fn config(&self) -> serde_json::Value;
+    fn schedule(&self) -> Schedule {
+        Schedule::Sequential
+    }
+    /// The adapters this method trains. Every method keeps the same total rank (METHODS.md).
+    fn adapters(&self, lora: &LoraConfig, seed: u64) -> AdapterPlan {
+        AdapterPlan::lora(lora.clone(), seed)
+    }
+    /// True when stage 1 is plain training of this method's adapters (the paper's shared
+    /// first stage): the harness then trains stage 1 once per adapter architecture, without
+    /// this method's hooks, and calls `end_task` for stage 1 when the method continues from
+    /// it. Such a method's stage-1 `end_task` must not change the model.
+    fn shares_first_stage(&self) -> bool {
+        false
+    }
+    /// Adapter architecture id for the shared first stage (same id, same stage-1 checkpoint).
+    fn architecture(&self) -> String {
+        "lora".into()
+    }
+    fn begin_task(&mut self, _stage: StageInfo, _vars: &Vars) -> Result<()> {
+        Ok(())
+    }
+    /// After training a stage, before it is evaluated and cached.
+    fn end_task(
+        &mut self,
+        _stage: StageInfo,
+        _model: &dyn Backbone,
+        _vars: &Vars,
+        _train: &[Example],
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Method state carried to the next stage (Fisher, anchors, bases ...), by name.
+    fn state(&self) -> BTreeMap<String, Tensor> {
+        BTreeMap::new()
+    }
+    fn load_state(&mut self, _state: BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A registry entry: one line per method in `baselines::ALL`.
+#[derive(Clone, Copy)]
+pub struct MethodEntry {
+    pub id: &'static str,
+    /// One line for `--help` and listings.
+    pub about: &'static str,
+    pub new: fn() -> Box<dyn Method>,
+}
+
+impl std::fmt::Debug for MethodEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id)
+    }
+}

@@ -1,0 +1,342 @@
+//! The suite's trials: every registered method x order x stage x seen task is a named test
+//! (libtest-mimic), plus a matrix test per chain and relational checks. Trials share one
+//! bench per profile and one chain per (profile, method, order), built on first use, so
+//! `--list` loads nothing and `--exact NAME` builds only what that test needs.
+//!
+//! Which profiles run is one setting, `CNEXT_PROFILE`: `smoke` (every method, seconds each),
+//! `mini` (every method on the benchmark), or unset: smoke for every method plus the mini
+//! chains CI can afford ([`CI_MINI`]); every other mini chain is registered as ignored.
+//! The default order runs by default; the other orders are ignored (`--include-ignored`).
+
+use crate::names::{Check, Stage, TestName};
+use crate::setup::{run_config, Bench};
+use crate::snapshot::{self, Snapshot, Tolerance};
+use cnext_core::metrics::Metrics;
+use cnext_core::{AccuracyMatrix, Order};
+use cnext_datasets::DataProfile;
+use cnext_harness::clip::TinyClip;
+use cnext_harness::device::DeviceSpec;
+use cnext_harness::method::{MethodEntry, Schedule};
+use cnext_harness::stages::Chain;
+use libtest_mimic::{Failed, Trial};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+
+/// The mini chains that run by default (CI runs them), default order.
+pub const CI_MINI: &[&str] = &[];
+
+/// The profiles to register and whether a mini chain is active, from `CNEXT_PROFILE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Unset: smoke everywhere, plus [`CI_MINI`] on mini.
+    Default,
+    Only(DataProfile),
+}
+
+impl Scope {
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("CNEXT_PROFILE").ok().as_deref() {
+            None | Some("") => Ok(Scope::Default),
+            Some("smoke") => Ok(Scope::Only(DataProfile::Smoke)),
+            Some("mini") => Ok(Scope::Only(DataProfile::Mini)),
+            Some("paper") => Err(
+                "CNEXT_PROFILE=paper: the paper profile needs a real backbone and the real \
+                 datasets, which this build does not have yet"
+                    .into(),
+            ),
+            Some(other) => Err(format!(
+                "CNEXT_PROFILE={other}: expected smoke, mini or paper"
+            )),
+        }
+    }
+
+    fn profiles(self) -> Vec<DataProfile> {
+        match self {
+            Scope::Default => vec![DataProfile::Smoke, DataProfile::Mini],
+            Scope::Only(p) => vec![p],
+        }
+    }
+
+    /// Whether a chain runs without `--include-ignored`.
+    fn active(self, profile: DataProfile, method: &str, order: Order) -> bool {
+        order == Order::DefaultOrder
+            && match (self, profile) {
+                (Scope::Default, DataProfile::Mini) => CI_MINI.contains(&method),
+                _ => true,
+            }
+    }
+}
+
+/// Every test name of a scope, with whether it is ignored by default.
+pub fn names(scope: Scope, methods: &[MethodEntry]) -> Vec<(TestName, bool)> {
+    let mut out = vec![];
+    for profile in scope.profiles() {
+        for order in Order::ALL {
+            for m in methods {
+                let ignored = !scope.active(profile, m.id, order);
+                let schedule = (m.new)().schedule();
+                let name = |check| TestName {
+                    profile,
+                    method: m.id.to_string(),
+                    order,
+                    check,
+                };
+                let tasks = order.tasks();
+                match schedule {
+                    Schedule::Joint => {
+                        for task in tasks {
+                            let stage = Stage::Joint;
+                            out.push((name(Check::Cell { stage, task }), ignored));
+                        }
+                    }
+                    _ => {
+                        for k in 1..=tasks.len() {
+                            for &task in &tasks[..k] {
+                                let stage = Stage::K(k);
+                                out.push((name(Check::Cell { stage, task }), ignored));
+                            }
+                        }
+                    }
+                }
+                out.push((name(Check::Matrix), ignored));
+                match (m.id, schedule) {
+                    (_, Schedule::Frozen) => out.push((name(Check::RowsIdentical), ignored)),
+                    ("upper_bound", _) if methods.iter().any(|e| e.id == "lora") => {
+                        let lora_ignored = !scope.active(profile, "lora", order);
+                        out.push((name(Check::AtLeastLora), ignored || lora_ignored))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One bench per profile, opened on first use and kept for the process.
+fn bench(profile: DataProfile) -> Result<&'static Bench, String> {
+    static BENCHES: Mutex<BTreeMap<DataProfile, &'static Bench>> = Mutex::new(BTreeMap::new());
+    let mut m = BENCHES
+        .lock()
+        .map_err(|_| "bench state poisoned".to_string())?;
+    if let Some(b) = m.get(&profile) {
+        return Ok(b);
+    }
+    // Tests run in the package folder: default to the workspace's target/cnext.
+    let cache = std::env::var_os("CNEXT_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cnext")
+        });
+    let b = Bench::open(profile, 0, cache, DeviceSpec::Cpu).map_err(|e| format!("{e:#}"))?;
+    let b: &'static Bench = Box::leak(Box::new(b));
+    m.insert(profile, b);
+    Ok(b)
+}
+
+type Key = (DataProfile, String, Order);
+
+/// One chain per (profile, method, order), so its loaded task data is shared by its trials.
+fn chain(
+    profile: DataProfile,
+    method: &MethodEntry,
+    order: Order,
+) -> Result<&'static Chain<'static, TinyClip>, String> {
+    static CHAINS: OnceLock<Mutex<BTreeMap<Key, &'static Chain<'static, TinyClip>>>> =
+        OnceLock::new();
+    let b = bench(profile)?;
+    let mut m = CHAINS
+        .get_or_init(Mutex::default)
+        .lock()
+        .map_err(|_| "chain state poisoned".to_string())?;
+    let key = (profile, method.id.to_string(), order);
+    if let Some(c) = m.get(&key) {
+        return Ok(c);
+    }
+    let cfg: &'static _ = Box::leak(Box::new(run_config(profile, order, 0, None)));
+    let c = b.chain(cfg, method).map_err(|e| format!("{e:#}"))?;
+    let c: &'static Chain<'static, TinyClip> = Box::leak(Box::new(c));
+    m.insert(key, c);
+    Ok(c)
+}
+
+fn matrix_of(
+    profile: DataProfile,
+    method: &MethodEntry,
+    order: Order,
+) -> Result<AccuracyMatrix, String> {
+    let c = chain(profile, method, order)?;
+    c.matrix().map(|(m, _)| m).map_err(|e| e.to_string())
+}
+
+fn snapshot_of(name: &TestName, method: &MethodEntry) -> Result<Snapshot, String> {
+    let c = chain(name.profile, method, name.order)?;
+    let (m, _) = c.matrix().map_err(|e| e.to_string())?;
+    let mut prov = BTreeMap::new();
+    prov.insert("seed".into(), serde_json::json!(c.cfg.seed));
+    prov.insert("cnext".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
+    prov.insert(
+        "base".into(),
+        serde_json::json!(c
+            .base
+            .dir
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())),
+    );
+    prov.insert(
+        "device".into(),
+        serde_json::json!(cnext_harness::run::device_name(&c.base.device)),
+    );
+    prov.insert("method_config".into(), (method.new)().config());
+    prov.insert(
+        "train".into(),
+        serde_json::json!({
+            "steps": c.cfg.stage.steps,
+            "batch_size": c.cfg.stage.batch_size,
+            "lr": c.cfg.stage.optim.lr,
+            "lora_r": c.cfg.lora.r,
+        }),
+    );
+    let tasks: BTreeMap<String, u32> = name
+        .order
+        .tasks()
+        .iter()
+        .map(|t| (t.to_string(), cnext_datasets::TaskSpec::of(*t).version))
+        .collect();
+    prov.insert("task_versions".into(), serde_json::json!(tasks));
+    Ok(Snapshot::new(
+        name.profile,
+        method.id,
+        name.order.as_str(),
+        &m,
+        prov,
+    ))
+}
+
+fn snapshot_path(name: &TestName) -> std::path::PathBuf {
+    snapshot::dir(name.profile).join(format!(
+        "{}.snap",
+        snapshot::name(&name.method, name.order.as_str())
+    ))
+}
+
+/// Runs one test.
+pub fn run(name: &TestName, methods: &[MethodEntry]) -> Result<(), String> {
+    let method = methods
+        .iter()
+        .find(|m| m.id == name.method)
+        .ok_or_else(|| format!("{name}: no method `{}`", name.method))?;
+    let tol = Tolerance::of(name.profile);
+    let path = snapshot_path(name);
+    match name.check {
+        Check::Cell { stage, task } => {
+            let c = chain(name.profile, method, name.order)?;
+            let e = c.ensure(stage.number()).map_err(|e| e.to_string())?;
+            let new = e
+                .record
+                .evals
+                .get(&task)
+                .ok_or_else(|| format!("{name}: stage entry has no {task}"))?
+                .accuracy;
+            let snap = snapshot::read(&path)?.ok_or_else(|| {
+                format!(
+                    "{name}: no snapshot {} (new value {new:.2}); run `{}` to record one, \
+                     then `cargo insta review`",
+                    path.display(),
+                    TestName {
+                        check: Check::Matrix,
+                        ..name.clone()
+                    }
+                )
+            })?;
+            let old = snap.cell(stage.number(), task).ok_or_else(|| {
+                format!("{name}: the snapshot {} has no such cell", path.display())
+            })?;
+            if new < old - tol.cell {
+                return Err(format!(
+                    "{name}: {new:.2} is below the snapshot value {old:.2} by {:.2} \
+                     (tolerance {:.2}; {})",
+                    old - new,
+                    tol.cell,
+                    path.display()
+                ));
+            }
+            Ok(())
+        }
+        Check::Matrix => {
+            let new = snapshot_of(name, method)?;
+            let outcome = match snapshot::read(&path)? {
+                None => Err(format!("no snapshot {} yet", path.display())),
+                Some(old) => snapshot::compare_matrix(&new, &old, tol),
+            };
+            match outcome {
+                Ok(notes) => {
+                    if !notes.is_empty() {
+                        eprintln!(
+                            "{name}: within tolerance of {} ({}); `INSTA_UPDATE=always` records the new values",
+                            path.display(),
+                            notes.join(", ")
+                        );
+                        if std::env::var("INSTA_UPDATE").as_deref() == Ok("always") {
+                            snapshot::record(&new);
+                        }
+                    }
+                    Ok(())
+                }
+                Err(why) => {
+                    // insta writes `.snap.new` for review (or the snapshot itself with
+                    // INSTA_UPDATE=always); in CI it writes nothing and this fails.
+                    if snapshot::record(&new) && std::env::var("CI").is_err() {
+                        eprintln!("{name}: recorded {} ({why})", path.display());
+                        return Ok(());
+                    }
+                    Err(format!("{name}: {why}"))
+                }
+            }
+        }
+        Check::RowsIdentical => {
+            let m = matrix_of(name.profile, method, name.order)?;
+            let rows = m.rows();
+            for (j, row) in rows.iter().enumerate() {
+                for (i, cell) in row.iter().enumerate().take(j + 1) {
+                    if *cell != rows[i][i] {
+                        return Err(format!(
+                            "{name}: stage {} {}: {cell:?} differs from stage {} ({:?})",
+                            j + 1,
+                            m.tasks()[i],
+                            i + 1,
+                            rows[i][i]
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Check::AtLeastLora => {
+            let lora = methods
+                .iter()
+                .find(|m| m.id == "lora")
+                .ok_or_else(|| format!("{name}: lora is not registered"))?;
+            let ub = Metrics::of(&matrix_of(name.profile, method, name.order)?).avg_acc;
+            let lo = Metrics::of(&matrix_of(name.profile, lora, name.order)?).avg_acc;
+            match (ub, lo) {
+                (Some(u), Some(l)) if u >= l => Ok(()),
+                _ => Err(format!(
+                    "{name}: upper_bound Avg.ACC {ub:?} is below lora's {lo:?}"
+                )),
+            }
+        }
+    }
+}
+
+/// The libtest-mimic trials of a scope.
+pub fn trials(scope: Scope, methods: &'static [MethodEntry]) -> Vec<Trial> {
+    names(scope, methods)
+        .into_iter()
+        .map(|(name, ignored)| {
+            let s = name.to_string();
+            Trial::test(s, move || run(&name, methods).map_err(Failed::from))
+                .with_ignored_flag(ignored)
+        })
+        .collect()
+}

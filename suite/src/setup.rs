@@ -1,0 +1,206 @@
+//! What a profile needs before any stage trains: the generated data, the pretrained base and
+//! the CLIP-like scorer, each built once and cached (under `target/cnext` or
+//! `CNEXT_CACHE_DIR`), plus the profile's run settings. One file lock per cache folder keeps
+//! two processes from building the same asset twice.
+
+use anyhow::{Context, Result};
+use cnext_core::Order;
+use cnext_datasets::{DataProfile, GenConfig};
+use cnext_harness::assets::{ensure_base, fnv_hex, Base, BaseConfig};
+use cnext_harness::clip::{train_tiny_clip, ClipTrainConfig, TinyClip};
+use cnext_harness::device::DeviceSpec;
+use cnext_harness::run::RunConfig;
+use std::path::{Path, PathBuf};
+
+/// The cache folder: the flag, else `CNEXT_CACHE_DIR`, else `target/cnext`.
+pub fn cache_dir(cache: Option<PathBuf>) -> PathBuf {
+    cache
+        .or_else(|| std::env::var_os("CNEXT_CACHE_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target/cnext"))
+}
+
+/// Holds an exclusive lock on `<cache>/.locks/<name>.lock` until dropped.
+pub struct CacheLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock(cache: &Path, name: &str) -> Result<CacheLock> {
+    let dir = cache.join(".locks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.lock"));
+    let f = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
+    f.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(CacheLock(f))
+}
+
+/// The data key of a profile and seed (part of every stage key).
+pub fn data_key(profile: DataProfile, seed: u64) -> String {
+    format!(
+        "{}-seed{seed}-gen{}",
+        profile.as_str(),
+        cnext_datasets::generate::GENERATOR_VERSION
+    )
+}
+
+/// The generated data of a profile, generated on first use.
+pub fn ensure_data(cache: &Path, profile: DataProfile, seed: u64) -> Result<PathBuf> {
+    let _l = lock(cache, &format!("data-{}-seed{seed}", profile.as_str()))?;
+    let root = cache
+        .join("data")
+        .join(format!("{}-seed{seed}", profile.as_str()));
+    let cfg = GenConfig::new(profile, seed);
+    match cnext_datasets::generate::read_manifest(&root) {
+        Some(m)
+            if m.config == cfg
+                && m.generator_version == cnext_datasets::generate::GENERATOR_VERSION => {}
+        _ => {
+            eprintln!(
+                "generating {} data into {}",
+                profile.as_str(),
+                root.display()
+            );
+            cnext_datasets::generate(&root, &cfg, true)?;
+        }
+    }
+    Ok(root)
+}
+
+/// The pretrained nano base of a profile, pretrained on first use.
+pub fn ensure_profile_base(
+    cache: &Path,
+    profile: DataProfile,
+    seed: u64,
+    device: DeviceSpec,
+) -> Result<Base> {
+    let root = ensure_data(cache, profile, seed)?;
+    let cfg = match profile {
+        DataProfile::Mini => BaseConfig::mini(seed),
+        DataProfile::Smoke => BaseConfig::smoke(seed),
+    };
+    let _l = lock(cache, &format!("base-{}-seed{seed}", profile.as_str()))?;
+    let b = ensure_base(cache, &root, &cfg, &device.open()?, true)?;
+    match b.built {
+        Some((s, l0, l1)) => eprintln!(
+            "built base {} in {s:.1} s (pretraining loss {l0:.3} -> {l1:.3})",
+            b.dir.display()
+        ),
+        None => eprintln!("base {} (cached)", b.dir.display()),
+    }
+    Ok(b)
+}
+
+fn clip_config(profile: DataProfile, seed: u64) -> ClipTrainConfig {
+    match profile {
+        DataProfile::Mini => ClipTrainConfig {
+            seed,
+            ..ClipTrainConfig::default()
+        },
+        // Plumbing only: a few steps, so the smoke suite stays fast.
+        DataProfile::Smoke => ClipTrainConfig {
+            seed,
+            steps: 40,
+            batch_size: 32,
+            heldout: 32,
+            ..ClipTrainConfig::default()
+        },
+    }
+}
+
+/// The key of a profile's scorer (part of every stage key: scores depend on it).
+pub fn clip_key(profile: DataProfile, seed: u64) -> Result<String> {
+    Ok(fnv_hex(&serde_json::to_string(&clip_config(
+        profile, seed,
+    ))?))
+}
+
+/// The CLIP-like scorer of a seed, trained once and cached.
+pub fn ensure_clip(cache: &Path, profile: DataProfile, seed: u64) -> Result<TinyClip> {
+    let cfg = clip_config(profile, seed);
+    let dir = cache.join("clip").join(clip_key(profile, seed)?);
+    if let Ok(m) = TinyClip::load(&dir) {
+        return Ok(m);
+    }
+    let _l = lock(cache, &format!("clip-{}", clip_key(profile, seed)?))?;
+    if let Ok(m) = TinyClip::load(&dir) {
+        return Ok(m);
+    }
+    eprintln!("training the CLIP-like scorer ...");
+    let (m, report) = train_tiny_clip(&cfg, true)?;
+    eprintln!(
+        "scorer trained in {:.1} s; held-out image->text R@1 = {:.3}",
+        report.seconds, report.r1_heldout
+    );
+    m.save(&dir)
+        .with_context(|| format!("saving the scorer to {}", dir.display()))?;
+    cnext_harness::run::write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(m)
+}
+
+/// The run settings of a profile (`steps` overrides the per-stage steps).
+pub fn run_config(
+    profile: DataProfile,
+    order: Order,
+    seed: u64,
+    steps: Option<usize>,
+) -> RunConfig {
+    let steps = steps.unwrap_or(match profile {
+        DataProfile::Mini => 300,
+        DataProfile::Smoke => 20,
+    });
+    let mut cfg = RunConfig::new(order, seed, steps);
+    if profile == DataProfile::Smoke {
+        cfg.stage.batch_size = 8;
+    }
+    cfg
+}
+
+/// Everything a profile's stages share, built once.
+pub struct Bench {
+    pub profile: DataProfile,
+    pub seed: u64,
+    pub cache: PathBuf,
+    pub data_root: PathBuf,
+    pub base: Base,
+    pub clip: TinyClip,
+}
+
+impl Bench {
+    pub fn open(
+        profile: DataProfile,
+        seed: u64,
+        cache: PathBuf,
+        device: DeviceSpec,
+    ) -> Result<Self> {
+        let data_root = ensure_data(&cache, profile, seed)?;
+        let base = ensure_profile_base(&cache, profile, seed, device)?;
+        let clip = ensure_clip(&cache, profile, seed)?;
+        Ok(Bench {
+            profile,
+            seed,
+            cache,
+            data_root,
+            base,
+            clip,
+        })
+    }
+
+    /// The chain of `method` over the order of `cfg` on this bench.
+    pub fn chain<'a>(
+        &'a self,
+        cfg: &'a RunConfig,
+        method: &cnext_harness::method::MethodEntry,
+    ) -> Result<cnext_harness::stages::Chain<'a, TinyClip>> {
+        Ok(cnext_harness::stages::Chain::new(
+            &self.cache,
+            &self.base,
+            &self.data_root,
+            data_key(self.profile, self.seed),
+            &self.clip,
+            clip_key(self.profile, self.seed)?,
+            cfg,
+            method.new,
+        ))
+    }
+}
