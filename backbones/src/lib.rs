@@ -53,6 +53,21 @@ pub trait Backbone {
         kind: OutputKind,
         max_new_tokens: usize,
     ) -> Result<Vec<Output>>;
+    /// Greedy generation from an ensemble of weight sets of the trainable variables (LAE): at
+    /// every step, the argmax of the elementwise max of the members' next-token
+    /// distributions. The current weights are unchanged afterwards.
+    fn generate_ensemble(
+        &self,
+        prompts: &[Prompt],
+        kind: OutputKind,
+        max_new_tokens: usize,
+        sets: &[BTreeMap<String, Tensor>],
+    ) -> Result<Vec<Output>> {
+        if sets.is_empty() {
+            return self.generate(prompts, kind, max_new_tokens);
+        }
+        candle_core::bail!("this backbone has no ensemble decoding")
+    }
     /// The variables the optimizer may update (adapters and projector), by name.
     fn trainable(&self) -> BTreeMap<String, Var>;
 }

@@ -4,12 +4,25 @@
 
 use cnext_harness::method::MethodEntry;
 
+pub mod cia;
+pub mod ewc;
+pub mod lae;
 pub mod lora;
 pub mod upper_bound;
 pub mod zero_shot;
 
+#[cfg(test)]
+mod testing;
+
 /// Every registered method, in listing order.
-pub const ALL: &[MethodEntry] = &[zero_shot::ENTRY, lora::ENTRY, upper_bound::ENTRY];
+pub const ALL: &[MethodEntry] = &[
+    zero_shot::ENTRY,
+    lora::ENTRY,
+    upper_bound::ENTRY,
+    ewc::ENTRY,
+    cia::ENTRY,
+    lae::ENTRY,
+];
 
 /// The entry of a method id.
 pub fn find(id: &str) -> Option<&'static MethodEntry> {
@@ -44,7 +57,7 @@ mod tests {
             .unwrap()
             .map(|f| f.unwrap().file_name().to_string_lossy().to_string())
             .filter_map(|f| f.strip_suffix(".rs").map(str::to_string))
-            .filter(|f| f != "lib")
+            .filter(|f| f != "lib" && f != "testing")
             .collect();
         let listed: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
         assert_eq!(files, listed, "each method file must be listed in ALL");

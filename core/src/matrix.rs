@@ -49,7 +49,7 @@ pub enum MatrixError {
         cell: String,
     },
     /// Also NaN (printed `NaN`) and infinities: not evaluated is written empty or `-`.
-    #[error("{src}:{line}: column `{task}`: {value} is not an accuracy in 0..=100")]
+    #[error("{src}:{line}: column `{task}`: {value} is not a score in {}", range_of(*task))]
     OutOfRange {
         src: String,
         line: usize,
@@ -85,7 +85,7 @@ pub enum MatrixError {
         expected: usize,
         got: usize,
     },
-    #[error("stage {stage}, task `{task}`: {value} is not a finite accuracy in 0..=100")]
+    #[error("stage {stage}, task `{task}`: {value} is not a finite score in {}", range_of(*task))]
     BadCell {
         stage: usize,
         task: TaskId,
@@ -160,8 +160,21 @@ fn check_tasks(tasks: &[TaskId]) -> Result<(), MatrixError> {
     }
 }
 
-fn valid_accuracy(v: f64) -> bool {
-    v.is_finite() && (0.0..=100.0).contains(&v)
+/// Text tasks score accuracies in 0..=100; image tasks score 100 x a raw cosine (CLIP score,
+/// no clamp: SCORING.md), which is negative for a generation unlike its reference.
+fn valid_accuracy(task: TaskId, v: f64) -> bool {
+    let low = match task.output() {
+        crate::Modality::Text => 0.0,
+        crate::Modality::Image => -100.0,
+    };
+    v.is_finite() && (low..=100.0).contains(&v)
+}
+
+fn range_of(task: TaskId) -> &'static str {
+    match task.output() {
+        crate::Modality::Text => "0..=100",
+        crate::Modality::Image => "-100..=100 (CLIP score)",
+    }
 }
 
 impl AccuracyMatrix {
@@ -207,7 +220,7 @@ impl AccuracyMatrix {
         }
         for (&task, cell) in self.tasks.iter().zip(&row) {
             if let Some(value) = *cell {
-                if !valid_accuracy(value) {
+                if !valid_accuracy(task, value) {
                     return Err(MatrixError::BadCell { stage, task, value });
                 }
             }
@@ -394,7 +407,7 @@ fn parse_cell(
         task,
         cell: cell.to_string(),
     })?;
-    if !valid_accuracy(value) {
+    if !valid_accuracy(task, value) {
         return Err(MatrixError::OutOfRange {
             src: source.to_string(),
             line,
@@ -431,9 +444,13 @@ mod tests {
             "stage 0: row has 1 cells but there are 2 tasks"
         );
         for bad in [f64::NAN, f64::INFINITY, -0.5, 100.5] {
-            let msg = format!("stage 0, task `vqav2`: {bad} is not a finite accuracy in 0..=100");
+            let msg = format!("stage 0, task `vqav2`: {bad} is not a finite score in 0..=100");
             assert_eq!(err(m.push_row(vec![Some(bad), None])), msg);
         }
+        // A CLIP score may be negative.
+        let mut img = AccuracyMatrix::sequential(vec![TaskId::Flickr30k, TaskId::Hqedit]).unwrap();
+        assert!(err(img.push_row(vec![Some(-100.5), None])).contains("-100..=100 (CLIP score)"));
+        img.push_row(vec![Some(-11.5), None]).unwrap();
         m.push_row(vec![Some(0.0), None]).unwrap();
         m.push_row(vec![Some(100.0), Some(50.0)]).unwrap();
         let full = err(m.push_row(vec![None, None]));
@@ -525,15 +542,15 @@ mod tests {
             (
                 "vqav2,imagenet\nNaN,-\n",
                 2,
-                "NaN is not an accuracy in 0..=100",
+                "NaN is not a score in 0..=100",
             ),
             (
                 "vqav2,imagenet\n80,-\n50,100.1\n",
                 3,
-                "`imagenet`: 100.1 is not an accuracy",
+                "`imagenet`: 100.1 is not a score",
             ),
-            ("vqav2,imagenet\n-3,-\n", 2, "-3 is not an accuracy"),
-            ("vqav2,imagenet\ninf,-\n", 2, "inf is not an accuracy"),
+            ("vqav2,imagenet\n-3,-\n", 2, "-3 is not a score"),
+            ("vqav2,imagenet\ninf,-\n", 2, "inf is not a score"),
             ("vqav2\n1\n2\n", 3, "at most 1 stage rows"),
         ];
         for (text, line, needle) in cases {

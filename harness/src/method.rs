@@ -6,7 +6,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use cnext_adapters::{AdapterPlan, LoraConfig};
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::{Backbone, Example, Output, OutputKind, Prompt};
 use cnext_core::TaskId;
 use std::collections::BTreeMap;
 
@@ -32,6 +32,15 @@ pub struct StageInfo<'a> {
     pub task: TaskId,
     /// The tasks of the order, all of them.
     pub order: &'a [TaskId],
+    /// The run's seed (for a method's own sampling).
+    pub seed: u64,
+}
+
+/// Where the loop is: `index` of `total` steps of the current stage (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub index: usize,
+    pub total: usize,
 }
 
 /// Hooks called by the training loop at every step, in this order: `loss` (add a penalty),
@@ -42,10 +51,10 @@ pub trait Hooks {
     fn loss(&mut self, loss: Tensor, _vars: &Vars) -> Result<Tensor> {
         Ok(loss)
     }
-    fn adjust_grads(&mut self, _grads: &mut GradStore, _vars: &Vars) -> Result<()> {
+    fn adjust_grads(&mut self, _step: Step, _grads: &mut GradStore, _vars: &Vars) -> Result<()> {
         Ok(())
     }
-    fn after_step(&mut self, _grads: &GradStore, _vars: &Vars) -> Result<()> {
+    fn after_step(&mut self, _step: Step, _grads: &GradStore, _vars: &Vars) -> Result<()> {
         Ok(())
     }
 }
@@ -91,6 +100,11 @@ pub trait Method: Hooks + Send {
     ) -> Result<()> {
         Ok(())
     }
+    /// Weight sets to decode with as an ensemble (LAE: online and offline adapters), or None
+    /// to generate from the current weights.
+    fn ensemble(&self, _vars: &Vars) -> Result<Option<Vec<BTreeMap<String, Tensor>>>> {
+        Ok(None)
+    }
     /// Method state carried to the next stage (Fisher, anchors, bases ...), by name.
     fn state(&self) -> BTreeMap<String, Tensor> {
         BTreeMap::new()
@@ -112,5 +126,29 @@ pub struct MethodEntry {
 impl std::fmt::Debug for MethodEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.id)
+    }
+}
+
+/// A backbone that generates from an ensemble of weight sets (see [`Method::ensemble`]).
+pub struct Ensembled<'a> {
+    pub inner: &'a dyn Backbone,
+    pub sets: Vec<BTreeMap<String, Tensor>>,
+}
+
+impl Backbone for Ensembled<'_> {
+    fn loss(&self, batch: &[Example], ctx: cnext_adapters::Ctx) -> Result<Tensor> {
+        self.inner.loss(batch, ctx)
+    }
+    fn generate(
+        &self,
+        prompts: &[Prompt],
+        kind: OutputKind,
+        max_new_tokens: usize,
+    ) -> Result<Vec<Output>> {
+        self.inner
+            .generate_ensemble(prompts, kind, max_new_tokens, &self.sets)
+    }
+    fn trainable(&self) -> Vars {
+        self.inner.trainable()
     }
 }

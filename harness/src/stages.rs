@@ -10,7 +10,7 @@
 
 use crate::assets::Base;
 use crate::eval::{evaluate, TaskEval};
-use crate::method::{Method, Schedule, StageInfo};
+use crate::method::{Ensembled, Method, Schedule, StageInfo};
 use crate::run::{RunConfig, RunError};
 use crate::tasks::{eval_items, train_examples, EvalItem};
 use crate::train::{train, StageStats};
@@ -347,6 +347,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     stage: 1,
                     task: order[0],
                     order: &order,
+                    seed: self.cfg.seed,
                 },
                 &live.model,
                 &vars,
@@ -397,6 +398,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     stage: k,
                     task: t,
                     order: &order,
+                    seed: self.cfg.seed,
                 };
                 let shared = self.shared(k);
                 let label = if shared {
@@ -442,10 +444,21 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         }
         let t0 = std::time::Instant::now();
         let mut evals = BTreeMap::new();
+        let ensembled = live
+            .method
+            .ensemble(&live.model.trainable())?
+            .map(|sets| Ensembled {
+                inner: &live.model,
+                sets,
+            });
+        let scored: &dyn Backbone = match &ensembled {
+            Some(e) => e,
+            None => &live.model,
+        };
         for t in self.seen(k) {
             let data = self.task_data(t)?;
             let ev = evaluate(
-                &live.model,
+                scored,
                 &TaskSpec::of(t),
                 &data.1,
                 Some(self.clip),
@@ -490,6 +503,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         crate::run::write_atomic(&tmp.join("entry.json"), json.as_bytes())?;
         let dir = self.dir(name);
         std::fs::rename(&tmp, &dir).map_err(|source| RunError::Io { path: dir, source })?;
+        if !self.progress {
+            // Test runs show which stages they trained (and that none trained twice).
+            let secs = record.stats.as_ref().map_or(0.0, |s| s.seconds);
+            eprintln!("stage cache: trained {name} ({secs:.1} s + eval {eval_seconds:.1} s)");
+        }
         Ok(live)
     }
 }

@@ -1,7 +1,7 @@
 //! The harness-owned training loop: seeded shuffling, AdamW with clipping and a cosine
 //! schedule, a NaN/Inf check that stops the stage naming the step, and a progress bar.
 
-use crate::method::{Hooks, Vars};
+use crate::method::{Hooks, Step, Vars};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
@@ -139,7 +139,11 @@ pub fn train(
             });
         }
         let mut grads = loss.backward().map_err(err)?;
-        hooks.adjust_grads(&mut grads, vars).map_err(err)?;
+        let at = Step {
+            index: step,
+            total: cfg.steps,
+        };
+        hooks.adjust_grads(at, &mut grads, vars).map_err(err)?;
         let norm = AdamW::grad_norm(vars, &grads).map_err(err)?;
         let scale = if norm > cfg.optim.grad_clip {
             cfg.optim.grad_clip / norm
@@ -148,7 +152,7 @@ pub fn train(
         };
         let lr = lr_at(&cfg.optim, step, cfg.steps);
         opt.step(vars, &grads, lr, scale).map_err(err)?;
-        hooks.after_step(&grads, vars).map_err(err)?;
+        hooks.after_step(at, &grads, vars).map_err(err)?;
         losses.push(f64::from(lv));
         bar.inc(1);
         if step % 10 == 0 {

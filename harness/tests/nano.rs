@@ -318,3 +318,44 @@ fn a_diverging_stage_stops_with_an_error_naming_the_step() {
         "{msg}"
     );
 }
+
+#[test]
+fn ensemble_decoding_of_identical_members_equals_greedy_and_restores_the_weights() {
+    let (m, _) = lora_model(4);
+    let vars = m.trainable();
+    train(
+        &m,
+        &vars,
+        &examples(32, 7),
+        &quick_cfg(30),
+        "ens",
+        false,
+        &mut (),
+    )
+    .unwrap();
+    let prompts: Vec<Prompt> = examples(6, 9).into_iter().map(|e| e.prompt).collect();
+    let plain = m.generate(&prompts, OutputKind::Text, 6).unwrap();
+    let now = m.trainable_tensors();
+    let copy: std::collections::BTreeMap<String, candle_core::Tensor> = now
+        .iter()
+        .map(|(k, v)| (k.clone(), v.copy().unwrap()))
+        .collect();
+    // Two identical members: max of equal distributions is that distribution.
+    let same = m
+        .generate_ensemble(&prompts, OutputKind::Text, 6, &[copy.clone(), copy.clone()])
+        .unwrap();
+    assert_eq!(same, plain);
+    // A member with zeroed adapters changes the weights during decoding, not after it.
+    let mut zeroed = copy.clone();
+    for (k, v) in zeroed.iter_mut() {
+        if k.contains(".lora_B.") {
+            *v = v.zeros_like().unwrap();
+        }
+    }
+    m.generate_ensemble(&prompts, OutputKind::Image, 0, &[copy.clone(), zeroed])
+        .unwrap();
+    for (k, v) in m.trainable_tensors() {
+        let d = (v - &copy[&k]).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k} changed");
+    }
+}

@@ -77,7 +77,7 @@ pub(crate) fn run_cmd(
     let cached = r.trained_now.iter().filter(|t| !**t).count();
     let eval_s: f64 = r.eval_seconds.iter().sum::<f64>() + 0.0;
     println!(
-        "wrote {} ({cached} of {} stages from the cache; setup {setup:.1} s, training {train_s:.1} s, evaluation {eval_s:.1} s, total {:.1} s)",
+        "wrote {} ({cached} of {} stages from the cache; setup {setup:.1} s; the stages took {train_s:.1} s to train and {eval_s:.1} s to evaluate when built; total {:.1} s)",
         out.display(),
         r.trained_now.len(),
         t0.elapsed().as_secs_f64()

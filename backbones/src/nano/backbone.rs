@@ -10,6 +10,19 @@ use candle_core::{Result, Tensor, Var, D};
 use cnext_adapters::{AdapterPlan, Ctx};
 use std::collections::BTreeMap;
 
+/// The elementwise max of the members' next-token distributions (LAE's ensemble).
+pub fn max_of_distributions(logits: &[Tensor]) -> Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    for l in logits {
+        let p = candle_nn::ops::softmax(l, D::Minus1)?;
+        acc = Some(match acc {
+            Some(a) => a.maximum(&p)?,
+            None => p,
+        });
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one member".into()))
+}
+
 /// Grid of generated images in patches (24 x 24 pixel scenes).
 pub const GEN_GRID: u32 = 3;
 
@@ -33,6 +46,133 @@ impl NanoBackbone {
         s.extend(self.tokenizer.encode(&p.text).into_iter().map(Slot::Token));
         s.push(Slot::Token(SEP));
         s
+    }
+
+    /// Greedy decoding with one KV cache per ensemble member; `sets` are weight sets of the
+    /// trainable variables (empty: the current weights, no swapping).
+    fn generate_members(
+        &self,
+        prompts: &[Prompt],
+        kind: OutputKind,
+        max_new: usize,
+        sets: &[BTreeMap<String, Tensor>],
+    ) -> Result<Vec<Output>> {
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        let seqs: Vec<Vec<Slot>> = prompts.iter().map(|p| self.prompt_slots(p)).collect();
+        let t0 = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let b = seqs.len();
+        // Left padding so every row's next token sits at the same column.
+        let mut padded = vec![];
+        let mut valid = vec![];
+        let mut positions = vec![];
+        let mut lens = vec![];
+        for s in &seqs {
+            let pad = t0 - s.len();
+            let mut row = vec![Slot::Token(super::tokenizer::PAD); pad];
+            row.extend(s.iter().copied());
+            padded.push(row);
+            valid.push((0..t0).map(|j| j >= pad).collect::<Vec<_>>());
+            positions.extend((0..t0).map(|j| j.saturating_sub(pad) as u32));
+            lens.push(s.len() as u32);
+        }
+        let images: Vec<_> = prompts.iter().map(|p| p.image.as_ref()).collect();
+        let vars = self.trainable();
+        let use_member = |m: usize| -> Result<()> {
+            if let Some(set) = sets.get(m) {
+                for (name, v) in &vars {
+                    match set.get(name) {
+                        Some(t) => v.set(t)?,
+                        None => candle_core::bail!("ensemble member {m} has no `{name}`"),
+                    }
+                }
+            }
+            Ok(())
+        };
+        let members = sets.len().max(1);
+        let ctx = Ctx::default();
+        let mask = self.model.mask(&valid, t0)?;
+        let mut caches = vec![];
+        let mut lasts = vec![];
+        for m in 0..members {
+            use_member(m)?;
+            let x = self.model.embed(&padded, &images)?;
+            let mut cache = KvCache::new();
+            let h = self.model.decode(&x, &positions, &mask, &mut cache, ctx)?;
+            lasts.push(self.model.logits(&h.narrow(1, t0 - 1, 1)?.squeeze(1)?)?);
+            caches.push(cache);
+        }
+        let (steps, range) = match kind {
+            OutputKind::Text => (max_new, None),
+            OutputKind::Image => {
+                let n = (GEN_GRID * GEN_GRID) as usize;
+                (n + 1, Some(self.tokenizer.image_code_range()))
+            }
+        };
+        let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+        let mut done = vec![false; b];
+        for step in 0..steps {
+            let last = match lasts.as_slice() {
+                [one] => one.clone(),
+                many => max_of_distributions(many)?,
+            };
+            let next: Vec<u32> = match (&range, step) {
+                (Some(_), 0) => vec![BOI; b],
+                (Some(r), _) => {
+                    let sub =
+                        last.narrow(D::Minus1, r.start as usize, (r.end - r.start) as usize)?;
+                    sub.argmax(D::Minus1)?
+                        .to_vec1::<u32>()?
+                        .into_iter()
+                        .map(|i| i + r.start)
+                        .collect()
+                }
+                (None, _) => last.argmax(D::Minus1)?.to_vec1::<u32>()?,
+            };
+            for (bi, &id) in next.iter().enumerate() {
+                if done[bi] {
+                    continue;
+                }
+                if range.is_none() && id == EOS {
+                    done[bi] = true;
+                } else {
+                    out[bi].push(id);
+                }
+            }
+            if done.iter().all(|d| *d) || step + 1 == steps {
+                break;
+            }
+            for v in valid.iter_mut() {
+                v.push(true);
+            }
+            let pos: Vec<u32> = lens.iter().map(|l| l + step as u32).collect();
+            let mask = self.model.mask(&valid, 1)?;
+            let tokens: Vec<Vec<Slot>> = next.iter().map(|&id| vec![Slot::Token(id)]).collect();
+            for (m, cache) in caches.iter_mut().enumerate() {
+                if members > 1 {
+                    use_member(m)?;
+                }
+                let xs = self.model.embed(&tokens, &vec![None; b])?;
+                let h = self.model.decode(&xs, &pos, &mask, cache, ctx)?;
+                lasts[m] = self.model.logits(&h.squeeze(1)?)?;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|ids| match kind {
+                OutputKind::Text => Output::Text(self.tokenizer.decode(&ids)),
+                OutputKind::Image => {
+                    let start = self.tokenizer.image_code_id(0);
+                    let codes: Vec<u32> = ids
+                        .iter()
+                        .filter(|&&i| i >= start)
+                        .map(|i| i - start)
+                        .collect();
+                    Output::Image(self.codebook.decode(&codes, GEN_GRID, GEN_GRID))
+                }
+            })
+            .collect())
     }
 
     fn answer_ids(&self, t: &Target) -> Vec<u32> {
@@ -101,99 +241,29 @@ impl Backbone for NanoBackbone {
         kind: OutputKind,
         max_new: usize,
     ) -> Result<Vec<Output>> {
-        if prompts.is_empty() {
-            return Ok(vec![]);
-        }
-        let seqs: Vec<Vec<Slot>> = prompts.iter().map(|p| self.prompt_slots(p)).collect();
-        let t0 = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let b = seqs.len();
-        // Left padding so every row's next token sits at the same column.
-        let mut padded = vec![];
-        let mut valid = vec![];
-        let mut positions = vec![];
-        let mut lens = vec![];
-        for s in &seqs {
-            let pad = t0 - s.len();
-            let mut row = vec![Slot::Token(super::tokenizer::PAD); pad];
-            row.extend(s.iter().copied());
-            padded.push(row);
-            valid.push((0..t0).map(|j| j >= pad).collect::<Vec<_>>());
-            positions.extend((0..t0).map(|j| j.saturating_sub(pad) as u32));
-            lens.push(s.len() as u32);
-        }
-        let images: Vec<_> = prompts.iter().map(|p| p.image.as_ref()).collect();
-        let x = self.model.embed(&padded, &images)?;
-        let mut cache = KvCache::new();
-        let ctx = Ctx::default();
-        let mask = self.model.mask(&valid, t0)?;
-        let h = self.model.decode(&x, &positions, &mask, &mut cache, ctx)?;
-        let mut last = self.model.logits(&h.narrow(1, t0 - 1, 1)?.squeeze(1)?)?;
-        let (steps, range) = match kind {
-            OutputKind::Text => (max_new, None),
-            OutputKind::Image => {
-                let n = (GEN_GRID * GEN_GRID) as usize;
-                (n + 1, Some(self.tokenizer.image_code_range()))
-            }
-        };
-        let mut out: Vec<Vec<u32>> = vec![vec![]; b];
-        let mut done = vec![false; b];
-        for step in 0..steps {
-            let next: Vec<u32> = match (&range, step) {
-                (Some(_), 0) => vec![BOI; b],
-                (Some(r), _) => {
-                    let sub =
-                        last.narrow(D::Minus1, r.start as usize, (r.end - r.start) as usize)?;
-                    sub.argmax(D::Minus1)?
-                        .to_vec1::<u32>()?
-                        .into_iter()
-                        .map(|i| i + r.start)
-                        .collect()
-                }
-                (None, _) => last.argmax(D::Minus1)?.to_vec1::<u32>()?,
-            };
-            for (bi, &id) in next.iter().enumerate() {
-                if done[bi] {
-                    continue;
-                }
-                if range.is_none() && id == EOS {
-                    done[bi] = true;
-                } else {
-                    out[bi].push(id);
-                }
-            }
-            if done.iter().all(|d| *d) || step + 1 == steps {
-                break;
-            }
-            for v in valid.iter_mut() {
-                v.push(true);
-            }
-            let pos: Vec<u32> = lens.iter().map(|l| l + step as u32).collect();
-            let xs = self.model.embed(
-                &next
-                    .iter()
-                    .map(|&id| vec![Slot::Token(id)])
-                    .collect::<Vec<_>>(),
-                &vec![None; b],
-            )?;
-            let mask = self.model.mask(&valid, 1)?;
-            let h = self.model.decode(&xs, &pos, &mask, &mut cache, ctx)?;
-            last = self.model.logits(&h.squeeze(1)?)?;
-        }
-        Ok(out
+        self.generate_members(prompts, kind, max_new, &[])
+    }
+
+    fn generate_ensemble(
+        &self,
+        prompts: &[Prompt],
+        kind: OutputKind,
+        max_new: usize,
+        sets: &[BTreeMap<String, Tensor>],
+    ) -> Result<Vec<Output>> {
+        // Members swap their weights into the variables; put the current ones back after.
+        let saved: BTreeMap<String, Tensor> = self
+            .trainable()
             .into_iter()
-            .map(|ids| match kind {
-                OutputKind::Text => Output::Text(self.tokenizer.decode(&ids)),
-                OutputKind::Image => {
-                    let start = self.tokenizer.image_code_id(0);
-                    let codes: Vec<u32> = ids
-                        .iter()
-                        .filter(|&&i| i >= start)
-                        .map(|i| i - start)
-                        .collect();
-                    Output::Image(self.codebook.decode(&codes, GEN_GRID, GEN_GRID))
-                }
-            })
-            .collect())
+            .map(|(k, v)| Ok((k, v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        let out = self.generate_members(prompts, kind, max_new, sets);
+        for (k, v) in self.trainable() {
+            if let Some(t) = saved.get(&k) {
+                v.set(t)?;
+            }
+        }
+        out
     }
 
     fn trainable(&self) -> BTreeMap<String, Var> {
