@@ -15,10 +15,21 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
 
 /// Inputs of adapted linears, appended while recording is on. Shared (Arc) between the plan
 /// and every linear built from it, so recording can be toggled after the model is built.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Recorder {
     on: AtomicBool,
     inputs: Mutex<BTreeMap<String, Vec<Tensor>>>,
+}
+
+/// Counts only: a derived Debug would print every recorded activation of every layer.
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.inputs.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Recorder")
+            .field("on", &self.is_on())
+            .field("layers_recorded", &n)
+            .finish()
+    }
 }
 
 impl Recorder {
@@ -143,7 +154,11 @@ impl AdapterPlan {
 
     /// The variables of expert `i` (its A and B in every adapted linear), e.g. for MAGE to drop
     /// their gradients on a task where that expert is frozen.
+    /// Empty for `i` past the last expert (plain LoRA has one expert, 0).
     pub fn expert_vars(&self, i: usize) -> BTreeMap<String, Var> {
+        if i >= self.kind.experts() {
+            return BTreeMap::new();
+        }
         let name = self.kind.adapter_name(i, &self.name);
         let (a, b) = (format!(".lora_A.{name}."), format!(".lora_B.{name}."));
         self.vars()

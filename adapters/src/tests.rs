@@ -112,6 +112,8 @@ fn expert_kinds_have_one_var_per_expert_factor_and_a_router_for_moelora() {
     assert_eq!(vars[&want[8]].dims(), &[4, DIN]);
     assert_eq!(moe.expert_vars(2).len(), 2);
     assert!(moe.expert_vars(2).keys().all(|k| k.contains(".expert2.")));
+    assert!(moe.expert_vars(4).is_empty());
+    assert!(!format!("{moe:?}").is_empty());
 
     let mage = AdapterPlan::experts(cfg(), 4, 1);
     build_frozen(&mage);
