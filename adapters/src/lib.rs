@@ -1,16 +1,38 @@
 //! Adapter-aware linear layers. Backbones build every linear through [`linear`]; the
-//! [`AdapterPlan`] decides by path suffix which ones carry an adapter (PEFT's `target_modules`),
-//! and adapter weights get PEFT-like, path-derived names:
-//! `llm.layers.3.self_attn.q_proj.lora_A.default.weight`. LoRA follows Hu et al., "LoRA:
-//! Low-Rank Adaptation of Large Language Models" (ICLR 2022): `y = W x + s B A x`, `s = alpha/r`,
-//! A ~ N(0, 0.01^2), B = 0, dropout on the adapter input.
+//! [`AdapterPlan`] decides by path suffix which ones carry an adapter (PEFT's `target_modules`)
+//! and which kind ([`AdapterKind`]), and adapter weights get PEFT-like, path-derived names.
+//!
+//! Kinds, all with total rank `r` and scale `s = alpha / r`, every A ~ N(0, 0.01^2), every B = 0:
+//! - [`AdapterKind::Lora`]: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models"
+//!   (ICLR 2022): `y = W x + s B A x`, dropout on the adapter input. Names:
+//!   `llm.layers.3.self_attn.q_proj.lora_A.default.weight`, `...lora_B.default.weight`.
+//! - [`AdapterKind::MoeLora`]: MoELoRA as used in CoIN (Chen et al., "CoIN: A Benchmark of
+//!   Continual Instruction tuNing for Multimodel Large Language Model", NeurIPS 2024 D&B):
+//!   E experts of rank r/E and a router R (E x d_in, no bias) per adapted linear, token-level
+//!   softmax gate, dense sum `y = W x + s * sum_i softmax(R x)_i * B_i A_i x`. Names:
+//!   `...q_proj.lora_A.expert0.weight`, `...q_proj.lora_router.default.weight`.
+//! - [`AdapterKind::Experts`]: MAGE's equal-weight experts (Continual-NExT, arXiv 2602.18055):
+//!   `y = W x + s * sum_i B_i A_i x`, no router, same expert names.
+//!
+//! Each expert's A and B are separate variables, so a method can freeze one expert by dropping
+//! its gradients; the forward still costs one LoRA of rank r (the experts are stacked with a
+//! differentiable `Tensor::cat` into one pair of matmuls). A plan can also record the inputs of
+//! every adapted linear (PGP's memory of layer inputs) and keep the base weights of adapted
+//! linears in mutable, untrained variables (RegLoRA merges each task's LoRA into the base).
+//! All initialisation comes from our own seeded generator ([`normal_values`]) because candle's
+//! CPU generator cannot be seeded.
 
-use candle_core::{DType, Module, Result, Tensor, Var};
-use candle_nn::VarBuilder;
-use cnext_core::rng::{fnv1a, mix64, Rng, FNV_OFFSET, GAMMA};
+mod linear;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use linear::{linear, Linear};
+pub use plan::AdapterPlan;
+
+use candle_core::{Result, Tensor};
+use cnext_core::rng::{fnv1a, Rng, FNV_OFFSET};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 /// The projections a plan may target (LLaMA names).
 pub const ALL_TARGETS: [&str; 7] = [
@@ -23,7 +45,8 @@ pub const ALL_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-/// LoRA hyper-parameters.
+/// LoRA hyper-parameters. `r` is the TOTAL rank of a layer's adapter: with E experts each
+/// expert has rank `r / E`, and the scale is `alpha / r` for every kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
@@ -43,80 +66,82 @@ impl Default for LoraConfig {
     }
 }
 
-/// Which linears get which adapter. `None` builds plain frozen linears.
-#[derive(Debug, Clone)]
-pub struct AdapterPlan {
-    pub lora: Option<LoraConfig>,
-    /// Path suffixes that get an adapter.
-    pub targets: Vec<String>,
-    /// Adapter name in weight paths (PEFT's adapter name).
-    pub name: String,
-    /// Seed of the adapter initialisation (candle's CPU RNG cannot be seeded).
-    pub seed: u64,
-    store: Arc<Mutex<BTreeMap<String, Var>>>,
+/// Which adapter an adapted linear carries. In config files: `{"kind": "lora"}`,
+/// `{"kind": "moe_lora", "experts": 4}`, `{"kind": "experts", "experts": 4}`.
+///
+/// Deserialised through [`KindConfig`]: serde's internally tagged unit variants ignore unknown
+/// fields even under `deny_unknown_fields`, and `{"kind": "lora", "experts": 4}` must not
+/// silently mean one plain LoRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "KindConfig")]
+pub enum AdapterKind {
+    /// One LoRA of rank r.
+    #[default]
+    Lora,
+    /// MoELoRA (CoIN): `experts` experts of rank r/experts with a token-level softmax router.
+    MoeLora { experts: usize },
+    /// MAGE's experts: `experts` experts of rank r/experts, summed with equal weights.
+    Experts { experts: usize },
 }
 
-impl AdapterPlan {
-    pub fn none() -> Self {
-        AdapterPlan {
-            lora: None,
-            targets: vec![],
-            name: "default".into(),
-            seed: 0,
-            store: Arc::default(),
+/// The config form of [`AdapterKind`], strict about fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KindConfig {
+    kind: KindName,
+    experts: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KindName {
+    Lora,
+    MoeLora,
+    Experts,
+}
+
+impl TryFrom<KindConfig> for AdapterKind {
+    type Error = String;
+
+    fn try_from(c: KindConfig) -> std::result::Result<Self, String> {
+        match (c.kind, c.experts) {
+            (KindName::Lora, None) => Ok(AdapterKind::Lora),
+            (KindName::Lora, Some(_)) => Err("adapter kind \"lora\" takes no `experts`".into()),
+            (KindName::MoeLora, Some(experts)) => Ok(AdapterKind::MoeLora { experts }),
+            (KindName::Experts, Some(experts)) => Ok(AdapterKind::Experts { experts }),
+            (_, None) => Err("adapter kinds \"moe_lora\" and \"experts\" need `experts`".into()),
+        }
+    }
+}
+
+impl AdapterKind {
+    /// Number of experts (1 for plain LoRA).
+    pub fn experts(&self) -> usize {
+        match *self {
+            AdapterKind::Lora => 1,
+            AdapterKind::MoeLora { experts } | AdapterKind::Experts { experts } => experts,
         }
     }
 
-    pub fn lora(cfg: LoraConfig, seed: u64) -> Self {
-        AdapterPlan {
-            lora: Some(cfg),
-            targets: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
-            name: "default".into(),
-            seed,
-            store: Arc::default(),
+    /// Rank of each expert for a total rank `r`; errors where `r` is not a positive multiple of
+    /// the number of experts (a silently rounded rank would change the method).
+    pub fn expert_rank(&self, r: usize) -> Result<usize> {
+        let e = self.experts();
+        if e == 0 || r == 0 || !r.is_multiple_of(e) {
+            candle_core::bail!(
+                "adapter {self:?}: total rank r = {r} must be a positive multiple of the {e} experts"
+            );
         }
+        Ok(r / e)
     }
 
-    fn targets(&self, path: &str) -> bool {
-        self.lora.is_some()
-            && self
-                .targets
-                .iter()
-                .any(|t| path == t || path.ends_with(&format!(".{t}")))
-    }
-
-    /// Every adapter variable by its full name (BTreeMap: stable order for files and optimizers).
-    pub fn vars(&self) -> BTreeMap<String, Var> {
-        self.store.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Pre-loads adapter weights (e.g. from a cached stage) before the model is built, or
-    /// overwrites them after. Names must be full weight names.
-    pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
-        let mut m = self
-            .store
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("adapter store poisoned".into()))?;
-        match m.get(name) {
-            Some(v) => v.set(value),
-            None => {
-                m.insert(name.to_string(), Var::from_tensor(value)?);
-                Ok(())
-            }
+    /// PEFT adapter name of expert `i` in weight names (`plan_name` for plain LoRA, so its
+    /// names stay `...lora_A.default.weight`).
+    pub fn adapter_name(&self, i: usize, plan_name: &str) -> String {
+        match self {
+            AdapterKind::Lora => plan_name.to_string(),
+            _ => format!("expert{i}"),
         }
-    }
-
-    fn get_or_init(&self, name: &str, init: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
-        let mut m = self
-            .store
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("adapter store poisoned".into()))?;
-        if let Some(v) = m.get(name) {
-            return Ok(v.clone());
-        }
-        let v = Var::from_tensor(&init()?)?;
-        m.insert(name.to_string(), v.clone());
-        Ok(v)
     }
 }
 
@@ -139,222 +164,7 @@ pub struct Ctx {
     pub step_seed: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Lora {
-    a: Var,
-    b: Var,
-    scale: f64,
-    dropout: f32,
-}
-
-/// A linear layer with an optional LoRA adapter. The base weight is a plain tensor (frozen by
-/// construction) unless the backbone was built from trainable variables for pretraining.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    lora: Option<Lora>,
-    path: String,
-}
-
-/// Builds a linear `in_dim -> out_dim` named by `vb`'s prefix, with an adapter if the plan
-/// targets it.
-pub fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-    plan: &AdapterPlan,
-) -> Result<Linear> {
-    let path = vb.prefix();
-    let std = (1.0 / in_dim as f64).sqrt();
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
-    )?;
-    let bias = if bias {
-        Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?)
-    } else {
-        None
-    };
-    let lora = match &plan.lora {
-        Some(cfg) if plan.targets(&path) => {
-            let dev = weight.device().clone();
-            let a_name = format!("{path}.lora_A.{}.weight", plan.name);
-            let b_name = format!("{path}.lora_B.{}.weight", plan.name);
-            let a = plan.get_or_init(&a_name, || {
-                let v = normal_values(plan.seed, &a_name, cfg.r * in_dim, 0.01);
-                Tensor::from_vec(v, (cfg.r, in_dim), &dev)
-            })?;
-            let b = plan.get_or_init(&b_name, || {
-                Tensor::zeros((out_dim, cfg.r), DType::F32, &dev)
-            })?;
-            Some(Lora {
-                a,
-                b,
-                scale: cfg.alpha / cfg.r as f64,
-                dropout: cfg.dropout,
-            })
-        }
-        _ => None,
-    };
-    Ok(Linear {
-        weight,
-        bias,
-        lora,
-        path,
-    })
-}
-
-/// Inverted dropout with a mask from our own seeded generator (a counter-based hash per
-/// element: cheap, and identical for a seed on any thread count).
-fn dropout(x: &Tensor, p: f32, seed: u64, name: &str) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let h = fnv1a(FNV_OFFSET ^ seed, name.as_bytes());
-    let threshold = (f64::from(p) * (1u64 << 32) as f64) as u64;
-    let scale = 1.0 / (1.0 - p);
-    let keep: Vec<f32> = (0..x.elem_count() as u64)
-        .map(|i| {
-            if (mix64(h.wrapping_add(i.wrapping_mul(GAMMA))) >> 32) < threshold {
-                0.0
-            } else {
-                scale
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(keep, x.shape(), x.device())?;
-    x.mul(&mask)
-}
-
-impl Linear {
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    pub fn has_adapter(&self) -> bool {
-        self.lora.is_some()
-    }
-
-    pub fn forward_ctx(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let mut y = cnext_kernels::frozen_matmul(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let xin = if ctx.train {
-                dropout(x, l.dropout, ctx.step_seed, &self.path)?
-            } else {
-                x.clone()
-            };
-            let h = xin.broadcast_matmul(&l.a.as_tensor().t()?)?;
-            let d = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
-            y = (y + (d * l.scale)?)?;
-        }
-        Ok(y)
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_ctx(x, Ctx::default())
-    }
-}
-
 /// A device-agnostic zero check used by tests and diagnostics.
 pub fn max_abs(t: &Tensor) -> Result<f32> {
     t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-    use candle_nn::VarMap;
-
-    fn build(plan: &AdapterPlan) -> (VarMap, Linear) {
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let l = linear(6, 4, true, vb.pp("llm.layers.3.self_attn.q_proj"), plan).unwrap();
-        (vm, l)
-    }
-
-    #[test]
-    fn names_are_peft_like_and_targets_go_by_suffix() {
-        let plan = AdapterPlan::lora(LoraConfig::default(), 1);
-        let (_vm, l) = build(&plan);
-        assert!(l.has_adapter());
-        let names: Vec<String> = plan.vars().into_keys().collect();
-        assert_eq!(
-            names,
-            vec![
-                "llm.layers.3.self_attn.q_proj.lora_A.default.weight",
-                "llm.layers.3.self_attn.q_proj.lora_B.default.weight"
-            ]
-        );
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let p = linear(6, 4, false, vb.pp("vision.proj"), &plan).unwrap();
-        assert!(!p.has_adapter());
-    }
-
-    #[test]
-    fn zero_b_leaves_outputs_unchanged_and_init_is_deterministic() {
-        let plan = AdapterPlan::lora(LoraConfig::default(), 7);
-        let (vm, l) = build(&plan);
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let plain = linear(
-            6,
-            4,
-            true,
-            vb.pp("llm.layers.3.self_attn.q_proj"),
-            &AdapterPlan::none(),
-        )
-        .unwrap();
-        let x = Tensor::from_vec(normal_values(3, "x", 12, 1.0), (2, 6), &Device::Cpu).unwrap();
-        let d = (l.forward(&x).unwrap() - plain.forward(&x).unwrap()).unwrap();
-        assert_eq!(max_abs(&d).unwrap(), 0.0);
-        let again = AdapterPlan::lora(LoraConfig::default(), 7);
-        let _ = build(&again);
-        let key = "llm.layers.3.self_attn.q_proj.lora_A.default.weight";
-        let a1 = plan.vars()[key]
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let a2 = again.vars()[key]
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(a1, a2);
-        let std = (a1.iter().map(|v| v * v).sum::<f32>() / a1.len() as f32).sqrt();
-        assert!(std > 0.005 && std < 0.02, "{std}");
-    }
-
-    #[test]
-    fn dropout_keeps_about_one_minus_p_and_rescales() {
-        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
-        let y = dropout(&x, 0.05, 1, "n")
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let kept = y.iter().filter(|v| **v > 0.0).count() as f64 / 1e4;
-        assert!((kept - 0.95).abs() < 0.01, "{kept}");
-        let mean = y.iter().sum::<f32>() / 1e4;
-        assert!((mean - 1.0).abs() < 0.02);
-    }
 }
