@@ -8,6 +8,9 @@ pub mod cia;
 pub mod ewc;
 pub mod lae;
 pub mod lora;
+pub mod moelora;
+pub mod pgp;
+pub mod reglora;
 pub mod upper_bound;
 pub mod zero_shot;
 
@@ -22,6 +25,9 @@ pub const ALL: &[MethodEntry] = &[
     ewc::ENTRY,
     cia::ENTRY,
     lae::ENTRY,
+    pgp::ENTRY,
+    reglora::ENTRY,
+    moelora::ENTRY,
 ];
 
 /// The entry of a method id.

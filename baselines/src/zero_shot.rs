@@ -24,7 +24,7 @@ impl Method for ZeroShot {
     fn schedule(&self) -> Schedule {
         Schedule::Frozen
     }
-    fn adapters(&self, _lora: &LoraConfig, _seed: u64) -> AdapterPlan {
+    fn adapters(&mut self, _lora: &LoraConfig, _seed: u64) -> AdapterPlan {
         AdapterPlan::none()
     }
 }

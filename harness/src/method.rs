@@ -72,8 +72,9 @@ pub trait Method: Hooks + Send {
     fn schedule(&self) -> Schedule {
         Schedule::Sequential
     }
-    /// The adapters this method trains. Every method keeps the same total rank (METHODS.md).
-    fn adapters(&self, lora: &LoraConfig, seed: u64) -> AdapterPlan {
+    /// The adapters this method trains (called once per model built; a method may keep a
+    /// clone of the plan to reach its adapters). Every method keeps the same total rank.
+    fn adapters(&mut self, lora: &LoraConfig, seed: u64) -> AdapterPlan {
         AdapterPlan::lora(lora.clone(), seed)
     }
     /// True when stage 1 is plain training of this method's adapters (the paper's shared

@@ -85,8 +85,11 @@ pub struct Chain<'a, C> {
     pub cfg: &'a RunConfig,
     pub new_method: fn() -> Box<dyn Method>,
     pub progress: bool,
-    data: Mutex<BTreeMap<TaskId, Arc<(Vec<Example>, Vec<EvalItem>)>>>,
+    data: Mutex<BTreeMap<TaskId, TaskSets>>,
 }
+
+/// A task's training examples and evaluation items, loaded once per chain.
+type TaskSets = Arc<(Vec<Example>, Vec<EvalItem>)>;
 
 fn sha16(v: &serde_json::Value) -> String {
     let d = Sha256::digest(v.to_string().as_bytes());
@@ -161,7 +164,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         }
     }
 
-    fn task_data(&self, t: TaskId) -> Result<Arc<(Vec<Example>, Vec<EvalItem>)>, RunError> {
+    fn task_data(&self, t: TaskId) -> Result<TaskSets, RunError> {
         let mut m = self.data.lock().map_err(|_| poisoned())?;
         if let Some(d) = m.get(&t) {
             return Ok(d.clone());

@@ -5,6 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+pub mod linalg;
+
 /// `x @ w^T` (w: `[out, in]`, frozen) with a backward for `x` only.
 ///
 /// The product is computed by candle's own matmul on a detached `x`, so the forward is
