@@ -8,6 +8,10 @@ pub mod cia;
 pub mod ewc;
 pub mod lae;
 pub mod lora;
+pub mod mage;
+pub mod mage_dema;
+pub mod moe_ew;
+pub mod moe_ew_ga;
 pub mod moelora;
 pub mod pgp;
 pub mod reglora;
@@ -28,6 +32,10 @@ pub const ALL: &[MethodEntry] = &[
     pgp::ENTRY,
     reglora::ENTRY,
     moelora::ENTRY,
+    moe_ew::ENTRY,
+    moe_ew_ga::ENTRY,
+    mage::ENTRY,
+    mage_dema::ENTRY,
 ];
 
 /// The entry of a method id.

@@ -57,6 +57,14 @@ pub trait Hooks {
     fn after_step(&mut self, _step: Step, _grads: &GradStore, _vars: &Vars) -> Result<()> {
         Ok(())
     }
+    /// True to receive, before `adjust_grads`, the mean over the batch of each example's
+    /// squared gradient (one extra backward per example: batch-size times the step cost).
+    fn wants_per_sample_fisher(&self) -> bool {
+        false
+    }
+    fn per_sample_fisher(&mut self, _fisher: BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// No hooks (pretraining, and methods that only train).
@@ -105,6 +113,11 @@ pub trait Method: Hooks + Send {
     /// to generate from the current weights.
     fn ensemble(&self, _vars: &Vars) -> Result<Option<Vec<BTreeMap<String, Tensor>>>> {
         Ok(None)
+    }
+    /// Numbers about the stage just ended (printed in the run report, stored in the stage
+    /// cache and results.json), e.g. PEMA's fallback fractions.
+    fn diagnostics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
     }
     /// Method state carried to the next stage (Fisher, anchors, bases ...), by name.
     fn state(&self) -> BTreeMap<String, Tensor> {

@@ -85,6 +85,8 @@ pub struct RunResult {
     pub eval_seconds: Vec<f64>,
     /// The stage cache entries the run used, and whether this run trained them.
     pub stage_keys: Vec<String>,
+    /// The method's diagnostics after each stage (empty for most methods).
+    pub diagnostics: Vec<BTreeMap<String, f64>>,
     pub trained_now: Vec<bool>,
     pub base: String,
     /// Where it trained (`cpu`, `cuda:0`): matrices are deterministic per machine and device.
@@ -175,6 +177,7 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
         stages: records.iter().map(|r| r.stats.clone()).collect(),
         eval_seconds: records.iter().map(|r| r.eval_seconds).collect(),
         stage_keys: records.iter().map(|r| r.key.clone()).collect(),
+        diagnostics: records.iter().map(|r| r.diagnostics.clone()).collect(),
         trained_now,
         base: chain.base.dir.display().to_string(),
         device: device_name(&chain.base.device),

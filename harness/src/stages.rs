@@ -52,6 +52,9 @@ pub struct StageRecord {
     pub stats: Option<StageStats>,
     pub evals: BTreeMap<TaskId, CellEval>,
     pub eval_seconds: f64,
+    /// The method's diagnostics after the stage (`Method::diagnostics`).
+    #[serde(default)]
+    pub diagnostics: BTreeMap<String, f64>,
     /// The inputs of the key, for provenance.
     pub key_inputs: serde_json::Value,
 }
@@ -499,6 +502,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             stats,
             evals,
             eval_seconds,
+            diagnostics: if self.shared(k) {
+                BTreeMap::new()
+            } else {
+                live.method.diagnostics()
+            },
             key_inputs: inputs.clone(),
         };
         let json = serde_json::to_string_pretty(&record)

@@ -46,6 +46,31 @@ pub enum TrainError {
     },
 }
 
+/// The mean over `batch` of each example's squared gradient, per variable.
+fn per_sample_fisher(
+    backbone: &dyn Backbone,
+    vars: &Vars,
+    batch: &[Example],
+    ctx: Ctx,
+) -> candle_core::Result<BTreeMap<String, candle_core::Tensor>> {
+    let mut sums: BTreeMap<String, candle_core::Tensor> = BTreeMap::new();
+    for ex in batch {
+        let g = backbone.loss(std::slice::from_ref(ex), ctx)?.backward()?;
+        for (name, v) in vars {
+            if let Some(gi) = g.get(v.as_tensor()) {
+                let sq = gi.detach().sqr()?;
+                let s = match sums.remove(name) {
+                    Some(s) => (s + sq)?,
+                    None => sq,
+                };
+                sums.insert(name.clone(), s);
+            }
+        }
+    }
+    let n = batch.len().max(1) as f64;
+    sums.into_iter().map(|(k, s)| Ok((k, (s / n)?))).collect()
+}
+
 /// Trains `vars` (the backbone's trainable variables) on `examples`, calling a method's step
 /// hooks (`&mut ()` for none). `label` names the stage in errors and the progress bar.
 pub fn train(
@@ -139,6 +164,10 @@ pub fn train(
             });
         }
         let mut grads = loss.backward().map_err(err)?;
+        if hooks.wants_per_sample_fisher() {
+            let f = per_sample_fisher(backbone, vars, &batch, ctx).map_err(err)?;
+            hooks.per_sample_fisher(f).map_err(err)?;
+        }
         let at = Step {
             index: step,
             total: cfg.steps,

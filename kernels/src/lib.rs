@@ -6,6 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 pub mod linalg;
+pub mod pema;
 
 /// `x @ w^T` (w: `[out, in]`, frozen) with a backward for `x` only.
 ///

@@ -45,7 +45,7 @@ enum Cmd {
     /// first use), print the accuracy matrix and metrics, and write the run folder.
     Run {
         /// A registered method (`cnext_baselines::ALL`).
-        #[arg(long, default_value = "lora", value_parser = parse_method)]
+        #[arg(long, default_value = "mage", value_parser = parse_method)]
         method: &'static cnext_harness::method::MethodEntry,
         #[arg(long, default_value = "default_order")]
         order: cnext_core::Order,
@@ -77,6 +77,11 @@ enum Cmd {
         /// Where the backbone trains: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+    },
+    /// Micro-benchmarks that print ratios.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
     },
     /// Score official-format predictions (merge.jsonl) against a task's test annotations.
     Score {
@@ -128,6 +133,16 @@ enum DataCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// One PEMA update at the paper's LoRA shapes: dense n x n inverse vs Woodbury.
+    Pema {
+        /// Largest n solved densely (the dense solve costs n^3; 13824 takes hours).
+        #[arg(long, default_value_t = 5120)]
+        max_dense: usize,
+    },
+}
+
 fn parse_method(s: &str) -> Result<&'static cnext_harness::method::MethodEntry, String> {
     cnext_baselines::find(s).ok_or_else(|| {
         format!(
@@ -166,6 +181,9 @@ fn run(cli: Cli) -> Result<()> {
             DataCmd::Check { root } => check(&root),
         },
         Cmd::Metrics { matrix, json } => metrics(&matrix, json),
+        Cmd::Bench {
+            cmd: BenchCmd::Pema { max_dense },
+        } => crate::bench::pema(max_dense),
         Cmd::Base {
             profile,
             seed,
@@ -368,4 +386,5 @@ fn score(
     Ok(())
 }
 
+mod bench;
 mod run;

@@ -72,6 +72,23 @@ pub(crate) fn run_cmd(
         opt2(m.image_avg),
     ]);
     println!("{t2}");
+    let keys: std::collections::BTreeSet<&String> =
+        r.diagnostics.iter().flat_map(|d| d.keys()).collect();
+    if !keys.is_empty() {
+        let mut t3 = Table::new();
+        let mut header = vec!["stage".to_string()];
+        header.extend(keys.iter().map(|k| k.to_string()));
+        t3.set_header(header);
+        for (j, d) in r.diagnostics.iter().enumerate() {
+            let mut row = vec![(j + 1).to_string()];
+            row.extend(
+                keys.iter()
+                    .map(|k| d.get(*k).map_or("-".into(), |v| format!("{v:.4}"))),
+            );
+            t3.add_row(row);
+        }
+        println!("{} diagnostics\n{t3}", r.method);
+    }
     // `+ 0.0`: an empty float sum is -0.0, which would print as "-0.0 s".
     let train_s: f64 = r.stages.iter().flatten().map(|s| s.seconds).sum::<f64>() + 0.0;
     let cached = r.trained_now.iter().filter(|t| !**t).count();
