@@ -81,26 +81,9 @@ impl Ewc {
 pub fn empirical_fisher(
     model: &dyn Backbone,
     vars: &Vars,
-    examples: &[&Example],
+    examples: &[Example],
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
-    for ex in examples {
-        let loss = model.loss(std::slice::from_ref(*ex), Ctx::default())?;
-        let grads = loss.backward()?;
-        for (name, v) in vars {
-            let Some(g) = grads.get(v.as_tensor()) else {
-                continue;
-            };
-            let sq = g.detach().sqr()?;
-            let s = match sums.remove(name) {
-                Some(s) => (s + sq)?,
-                None => sq,
-            };
-            sums.insert(name.clone(), s);
-        }
-    }
-    let n = examples.len().max(1) as f64;
-    sums.into_iter().map(|(k, s)| Ok((k, (s / n)?))).collect()
+    cnext_harness::train::per_sample_fisher(model, vars, examples, Ctx::default())
 }
 
 impl Hooks for Ewc {
@@ -132,10 +115,10 @@ impl Method for Ewc {
     ) -> Result<()> {
         let mut idx: Vec<usize> = (0..train.len()).collect();
         Rng::derive(stage.seed, &format!("ewc-fisher-{}", stage.task)).shuffle(&mut idx);
-        let picked: Vec<&Example> = idx
+        let picked: Vec<Example> = idx
             .iter()
             .take(self.cfg.samples)
-            .map(|&i| &train[i])
+            .map(|&i| train[i].clone())
             .collect();
         let f = empirical_fisher(model, vars, &picked)?;
         for (name, new) in f {
@@ -188,8 +171,7 @@ mod tests {
         let m = Linear2::new(&[0.5, -1.0])?;
         let data = [([1.0, 2.0], 1.0), ([3.0, -1.0], 0.0)];
         let ex = Linear2::examples(&data);
-        let refs: Vec<&Example> = ex.iter().collect();
-        let f = empirical_fisher(&m, &m.vars(), &refs)?;
+        let f = empirical_fisher(&m, &m.vars(), &ex)?;
         let mut want = [0.0f64; 2];
         for (x, y) in data {
             let r = 0.5 * x[0] - 1.0 * x[1] - y;
@@ -240,7 +222,7 @@ mod tests {
             &m.vars(),
             &ex,
         )?;
-        let f2 = empirical_fisher(&m, &m.vars(), &refs)?["w"].to_vec1::<f32>()?;
+        let f2 = empirical_fisher(&m, &m.vars(), &ex)?["w"].to_vec1::<f32>()?;
         let online = ewc.fisher["w"].to_vec1::<f32>()?;
         assert!((online[0] - (got[0] + f2[0])).abs() < 1e-4);
         let mut last = Ewc::new(EwcConfig {

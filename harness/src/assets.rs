@@ -110,6 +110,20 @@ pub struct Base {
 }
 
 /// FNV-1a 64 of a string, hex: cache keys.
+impl Base {
+    /// A model on this base's frozen weights with the adapters of `plan`.
+    pub fn model(&self, plan: cnext_adapters::AdapterPlan) -> candle_core::Result<NanoBackbone> {
+        NanoBackbone::from_base(
+            &self.cfg,
+            &self.weights,
+            self.tokenizer.clone(),
+            self.codebook.clone(),
+            plan,
+            &self.device,
+        )
+    }
+}
+
 pub fn fnv_hex(s: &str) -> String {
     let h = cnext_core::rng::fnv1a(cnext_core::rng::FNV_OFFSET, s.as_bytes());
     format!("{h:016x}")

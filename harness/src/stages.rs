@@ -309,15 +309,9 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     /// A model and a method in the state right after stage `k - 1` (a fresh one for k = 1).
     fn resume(&self, k: usize) -> Result<Live, RunError> {
         let mut method = self.method();
-        let plan = method.adapters(&self.cfg.lora, self.cfg.seed);
-        let model = NanoBackbone::from_base(
-            &self.base.cfg,
-            &self.base.weights,
-            self.base.tokenizer.clone(),
-            self.base.codebook.clone(),
-            plan,
-            &self.base.device,
-        )?;
+        let model = self
+            .base
+            .model(method.adapters(&self.cfg.lora, self.cfg.seed))?;
         if k == 1 {
             return Ok(Live { model, method });
         }
@@ -412,30 +406,28 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 } else {
                     format!("{id}: stage {k} {t}")
                 };
-                let s = if shared {
-                    train(
-                        &live.model,
-                        &vars,
-                        &data.0,
-                        &self.cfg.stage,
-                        &label,
-                        self.progress,
-                        &mut (),
-                    )?
-                } else {
+                // A shared first stage trains without the method's hooks.
+                if !shared {
                     live.method.begin_task(info, &vars)?;
-                    let s = train(
-                        &live.model,
-                        &vars,
-                        &data.0,
-                        &self.cfg.stage,
-                        &label,
-                        self.progress,
-                        live.method.as_mut(),
-                    )?;
-                    live.method.end_task(info, &live.model, &vars, &data.0)?;
-                    s
+                }
+                let mut no_hooks = ();
+                let hooks: &mut dyn crate::method::Hooks = if shared {
+                    &mut no_hooks
+                } else {
+                    live.method.as_mut()
                 };
+                let s = train(
+                    &live.model,
+                    &vars,
+                    &data.0,
+                    &self.cfg.stage,
+                    &label,
+                    self.progress,
+                    hooks,
+                )?;
+                if !shared {
+                    live.method.end_task(info, &live.model, &vars, &data.0)?;
+                }
                 (Some(t), Some(s))
             }
         };

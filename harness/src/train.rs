@@ -46,8 +46,9 @@ pub enum TrainError {
     },
 }
 
-/// The mean over `batch` of each example's squared gradient, per variable.
-fn per_sample_fisher(
+/// The mean over `batch` of each example's squared gradient, per variable (the diagonal
+/// empirical Fisher; one backward per example).
+pub fn per_sample_fisher(
     backbone: &dyn Backbone,
     vars: &Vars,
     batch: &[Example],

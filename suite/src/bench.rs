@@ -106,3 +106,57 @@ pub fn pema(max_dense: usize) -> Result<()> {
     println!("{table}");
     Ok(())
 }
+
+/// `cnext bench step`: the training step time of MAGE's four stacked experts against one LoRA
+/// of the same total rank, on the profile's base and a task's data, interleaved in one process
+/// so both see the same machine state.
+pub fn step(
+    profile: cnext_datasets::DataProfile,
+    task: cnext_core::TaskId,
+    steps: usize,
+) -> Result<()> {
+    use cnext_adapters::{AdapterPlan, LoraConfig};
+    use cnext_backbones::Backbone;
+    use cnext_harness::train::{train, TrainConfig};
+    let cache = crate::cache_dir(None);
+    let bench =
+        cnext_suite::setup::Bench::open(profile, 0, cache, cnext_harness::device::DeviceSpec::Cpu)?;
+    let data = cnext_datasets::loader::load_task(&bench.data_root, task)?;
+    let examples = cnext_harness::tasks::train_examples(&data)?;
+    let cfg = cnext_suite::setup::run_config(profile, cnext_core::Order::DefaultOrder, 0, None);
+    let lora = LoraConfig::default();
+    let plans = [
+        ("lora r=8", AdapterPlan::lora(lora.clone(), 0)),
+        ("mage 4 x r=2", AdapterPlan::experts(lora.clone(), 4, 0)),
+    ];
+    let mut times = [0.0f64; 2];
+    // Three rounds, alternating, after one warm-up step each.
+    for round in 0..=3 {
+        for (i, (_, plan)) in plans.iter().enumerate() {
+            let model = bench.base.model(plan.clone())?;
+            let vars = model.trainable();
+            let tc = TrainConfig {
+                steps: if round == 0 { 1 } else { steps },
+                ..cfg.stage.clone()
+            };
+            let s = train(&model, &vars, &examples, &tc, "bench", false, &mut ())?;
+            if round > 0 {
+                times[i] += s.seconds / steps as f64 / 3.0;
+            }
+        }
+    }
+    let mut table = Table::new();
+    table.set_header(["adapter", "s / step", "vs lora"]);
+    for (i, (name, _)) in plans.iter().enumerate() {
+        table.add_row([
+            name.to_string(),
+            format!("{:.4}", times[i]),
+            format!("{:+.1}%", 100.0 * (times[i] / times[0] - 1.0)),
+        ]);
+    }
+    println!(
+        "{task}, batch {}, {steps} steps x 3 rounds\n{table}",
+        cfg.stage.batch_size
+    );
+    Ok(())
+}

@@ -141,6 +141,15 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5120)]
         max_dense: usize,
     },
+    /// Training step time of MAGE's stacked experts vs one LoRA of the same total rank.
+    Step {
+        #[arg(long, default_value = "mini", value_parser = parse_profile)]
+        profile: DataProfile,
+        #[arg(long, default_value = "vqav2")]
+        task: TaskId,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+    },
 }
 
 fn parse_method(s: &str) -> Result<&'static cnext_harness::method::MethodEntry, String> {
@@ -184,6 +193,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Pema { max_dense },
         } => crate::bench::pema(max_dense),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Step {
+                    profile,
+                    task,
+                    steps,
+                },
+        } => crate::bench::step(profile, task, steps),
         Cmd::Base {
             profile,
             seed,
