@@ -505,6 +505,13 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             .map_err(|e| RunError::Stage(format!("{name}: {e}")))?;
         crate::run::write_atomic(&tmp.join("entry.json"), json.as_bytes())?;
         let dir = self.dir(name);
+        // A folder without entry.json is not an entry (it was tampered with): replace it.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| RunError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         std::fs::rename(&tmp, &dir).map_err(|source| RunError::Io { path: dir, source })?;
         if !self.progress {
             // Test runs show which stages they trained (and that none trained twice).

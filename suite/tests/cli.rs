@@ -273,6 +273,32 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
         std::fs::read_to_string(again.join("matrix.csv")).unwrap(),
         csv
     );
+    // An entry without its entry.json (as if cut off while writing) is not taken as complete:
+    // that stage is retrained, the later ones still load, and the matrix is the same.
+    let stages = cache.join("stages");
+    let stage3 = std::fs::read_dir(&stages)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("lora-stage3-")
+        })
+        .unwrap();
+    std::fs::remove_file(stage3.join("entry.json")).unwrap();
+    let o3 = cnext(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o3.status.success(), "{}", stderr(&o3));
+    assert!(
+        stdout(&o3).contains("5 of 6 stages from the cache"),
+        "{}",
+        stdout(&o3)
+    );
+    assert!(stage3.join("entry.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(again.join("matrix.csv")).unwrap(),
+        csv
+    );
     let res: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(res["stages"].as_array().unwrap().len(), 6);
