@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
 /// The mini chains that run by default (CI runs them), default order.
-pub const CI_MINI: &[&str] = &[];
+pub const CI_MINI: &[&str] = &["lora"];
 
 /// The profiles to register and whether a mini chain is active, from `CNEXT_PROFILE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +125,7 @@ fn bench(profile: DataProfile) -> Result<&'static Bench, String> {
     // Tests run in the package folder: default to the workspace's target/cnext.
     let cache = std::env::var_os("CNEXT_CACHE_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cnext")
-        });
+        .unwrap_or_else(|| snapshot::workspace().join("target").join("cnext"));
     let b = Bench::open(profile, 0, cache, DeviceSpec::Cpu).map_err(|e| format!("{e:#}"))?;
     let b: &'static Bench = Box::leak(Box::new(b));
     m.insert(profile, b);

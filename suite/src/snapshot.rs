@@ -99,10 +99,13 @@ impl Snapshot {
 
 /// Where the snapshots of a profile live (the workspace's `snapshots/<profile>`).
 pub fn dir(profile: DataProfile) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("snapshots")
-        .join(profile.as_str())
+    workspace().join("snapshots").join(profile.as_str())
+}
+
+/// The workspace root (the suite crate's parent folder).
+pub fn workspace() -> PathBuf {
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR"));
+    suite.parent().unwrap_or(suite).to_path_buf()
 }
 
 pub fn name(method: &str, order: &str) -> String {
