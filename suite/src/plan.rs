@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
 /// The mini chains that run by default (CI runs them), default order.
-pub const CI_MINI: &[&str] = &["lora"];
+pub const CI_MINI: &[&str] = &["lora", "mage"];
 
 /// The profiles to register and whether a mini chain is active, from `CNEXT_PROFILE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
