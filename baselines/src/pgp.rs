@@ -78,7 +78,9 @@ pub fn grow_basis(u: &[Vec<f64>], x: &[f64], n: usize, d: usize, threshold: f64)
             }
         }
     }
-    let (vals, vecs) = sym_eigen(&c, d);
+    let Some((vals, vecs)) = sym_eigen(&c, d) else {
+        return basis;
+    };
     let mut acc = captured;
     for (k, &lam) in vals.iter().enumerate() {
         if acc / total >= threshold || lam <= 0.0 || basis.len() >= d {

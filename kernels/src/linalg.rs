@@ -3,9 +3,11 @@
 //! systems). Sizes here are at most a layer width, so O(n^3) plain loops are fine.
 
 /// Eigenvalues (descending) and unit eigenvectors (columns of the row-major `n x n` result)
-/// of the symmetric row-major `n x n` matrix `a`.
-pub fn sym_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
-    assert_eq!(a.len(), n * n, "sym_eigen: matrix is not n x n");
+/// of the symmetric row-major `n x n` matrix `a`; None when `a` is not `n x n`.
+pub fn sym_eigen(a: &[f64], n: usize) -> Option<(Vec<f64>, Vec<f64>)> {
+    if a.len() != n * n {
+        return None;
+    }
     let mut m = a.to_vec();
     let mut v = vec![0.0; n * n];
     for i in 0..n {
@@ -66,7 +68,7 @@ pub fn sym_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
             vecs[k * n + col] = v[k * n + i];
         }
     }
-    (vals, vecs)
+    Some((vals, vecs))
 }
 
 /// Solves `a x = b` for row-major `a` (`n x n`) and `b` (`n x m`), by Gaussian elimination
@@ -142,7 +144,8 @@ mod tests {
                 a[i * n + j] = (0..5).map(|k| r[i * 5 + k] * r[j * 5 + k]).sum();
             }
         }
-        let (vals, vecs) = sym_eigen(&a, n);
+        let (vals, vecs) = sym_eigen(&a, n).unwrap();
+        assert!(sym_eigen(&a, n + 1).is_none());
         assert!(vals.windows(2).all(|w| w[0] >= w[1]), "{vals:?}");
         assert!(vals[5..].iter().all(|v| v.abs() < 1e-9), "{vals:?}");
         for i in 0..n {
