@@ -62,24 +62,28 @@ pub fn dema_update(
     Ok((next, beta))
 }
 
-pub struct Cia {
-    pub cfg: CiaConfig,
+/// DEMA's running state over a set of variables (CIA uses every trainable one, MAGE's
+/// `mage_dema` the trained experts' LoRA matrices).
+#[derive(Default)]
+pub struct Dema {
     star: BTreeMap<String, Tensor>,
     g_prev: BTreeMap<String, Tensor>,
 }
 
-impl Cia {
-    pub fn new(cfg: CiaConfig) -> Self {
-        Cia {
-            cfg,
-            star: BTreeMap::new(),
-            g_prev: BTreeMap::new(),
-        }
+impl Dema {
+    /// theta* = the current values of the `vars` that `keep` selects; g_prev = 0.
+    pub fn start(&mut self, vars: &Vars, keep: impl Fn(&str) -> bool) -> Result<()> {
+        self.star = vars
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+            .collect::<Result<_>>()?;
+        self.g_prev.clear();
+        Ok(())
     }
-}
 
-impl Hooks for Cia {
-    fn after_step(&mut self, _step: Step, grads: &GradStore, vars: &Vars) -> Result<()> {
+    /// One DEMA update of every tracked variable that has a gradient.
+    pub fn after_step(&mut self, grads: &GradStore, vars: &Vars, fallback: f64) -> Result<()> {
         for (name, v) in vars {
             let (Some(g), Some(star)) = (grads.get(v.as_tensor()), self.star.get(name)) else {
                 continue;
@@ -89,12 +93,37 @@ impl Hooks for Cia {
                 Some(p) => p.clone(),
                 None => g.zeros_like()?,
             };
-            let (next, _) =
-                dema_update(star, &v.as_tensor().detach(), &g, &prev, self.cfg.fallback)?;
+            let (next, _) = dema_update(star, &v.as_tensor().detach(), &g, &prev, fallback)?;
             self.star.insert(name.clone(), next);
             self.g_prev.insert(name.clone(), g);
         }
         Ok(())
+    }
+
+    /// theta* by variable name, ending the stage's state.
+    pub fn finish(&mut self) -> BTreeMap<String, Tensor> {
+        self.g_prev.clear();
+        std::mem::take(&mut self.star)
+    }
+}
+
+pub struct Cia {
+    pub cfg: CiaConfig,
+    dema: Dema,
+}
+
+impl Cia {
+    pub fn new(cfg: CiaConfig) -> Self {
+        Cia {
+            cfg,
+            dema: Dema::default(),
+        }
+    }
+}
+
+impl Hooks for Cia {
+    fn after_step(&mut self, _step: Step, grads: &GradStore, vars: &Vars) -> Result<()> {
+        self.dema.after_step(grads, vars, self.cfg.fallback)
     }
 }
 
@@ -111,12 +140,7 @@ impl Method for Cia {
         true
     }
     fn begin_task(&mut self, _stage: StageInfo, vars: &Vars) -> Result<()> {
-        self.star = vars
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
-            .collect::<Result<_>>()?;
-        self.g_prev.clear();
-        Ok(())
+        self.dema.start(vars, |_| true)
     }
     fn end_task(
         &mut self,
@@ -125,12 +149,11 @@ impl Method for Cia {
         vars: &Vars,
         _train: &[Example],
     ) -> Result<()> {
-        for (name, star) in std::mem::take(&mut self.star) {
+        for (name, star) in self.dema.finish() {
             if let Some(v) = vars.get(&name) {
                 v.set(&star)?;
             }
         }
-        self.g_prev.clear();
         Ok(())
     }
 }

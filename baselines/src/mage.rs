@@ -8,7 +8,7 @@
 //! The same file builds the ablation variants (paper Table 4): `moe_ew` (equal weight, all
 //! experts train), `moe_ew_ga` (+ modality gating), `mage` (+ PEMA), `mage_dema` (DEMA instead).
 
-use crate::cia::dema_update;
+use crate::cia::Dema;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, LoraConfig};
@@ -98,6 +98,11 @@ fn expert_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// Whether `name` is a LoRA matrix of one of the `active` experts.
+fn averaged(name: &str, active: &[usize]) -> bool {
+    name.contains(".lora_") && expert_of(name).is_some_and(|e| active.contains(&e))
+}
+
 fn to_mat(t: &Tensor) -> Result<Mat> {
     let (m, n) = t.dims2()?;
     let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -113,9 +118,9 @@ pub struct Mage {
     pub cfg: MageConfig,
     /// Experts training in the current stage.
     active: Vec<usize>,
-    /// theta* per averaged variable, in f64 (PEMA) or the variable's dtype (DEMA).
+    /// PEMA's theta* per averaged variable, in f64.
     star: BTreeMap<String, Mat>,
-    g_prev: BTreeMap<String, Tensor>,
+    dema: Dema,
     fisher: Option<BTreeMap<String, Tensor>>,
     /// This stage's alpha elements and fallbacks (PEMA).
     alphas: usize,
@@ -130,7 +135,7 @@ impl Mage {
             cfg,
             active: vec![],
             star: BTreeMap::new(),
-            g_prev: BTreeMap::new(),
+            dema: Dema::default(),
             fisher: None,
             alphas: 0,
             fell_back: 0,
@@ -140,7 +145,7 @@ impl Mage {
 
     /// Whether `name` is a LoRA matrix of an expert training now.
     fn averaged(&self, name: &str) -> bool {
-        name.contains(".lora_") && expert_of(name).is_some_and(|e| self.active.contains(&e))
+        averaged(name, &self.active)
     }
 }
 
@@ -199,22 +204,7 @@ impl Hooks for Mage {
         let Averaging::Dema { fallback } = self.cfg.averaging else {
             return Ok(());
         };
-        for (name, v) in vars {
-            let (Some(g), Some(star)) = (grads.get(v.as_tensor()), self.star.get(name)) else {
-                continue;
-            };
-            let g = g.detach();
-            let prev = match self.g_prev.get(name) {
-                Some(p) => p.clone(),
-                None => g.zeros_like()?,
-            };
-            let theta = v.as_tensor().detach();
-            let s = from_mat(star, &theta)?;
-            let (next, _) = dema_update(&s, &theta, &g, &prev, fallback)?;
-            self.star.insert(name.clone(), to_mat(&next)?);
-            self.g_prev.insert(name.clone(), g);
-        }
-        Ok(())
+        self.dema.after_step(grads, vars, fallback)
     }
 }
 
@@ -242,15 +232,22 @@ impl Method for Mage {
             (0..self.cfg.experts).collect()
         };
         self.star.clear();
-        self.g_prev.clear();
+        self.dema.finish();
         self.alphas = 0;
         self.fell_back = 0;
-        if self.cfg.averaging != Averaging::None {
-            for (name, v) in vars {
-                if self.averaged(name) {
-                    self.star
-                        .insert(name.clone(), to_mat(&v.as_tensor().detach())?);
+        match self.cfg.averaging {
+            Averaging::None => {}
+            Averaging::Pema { .. } => {
+                for (name, v) in vars {
+                    if self.averaged(name) {
+                        self.star
+                            .insert(name.clone(), to_mat(&v.as_tensor().detach())?);
+                    }
                 }
+            }
+            Averaging::Dema { .. } => {
+                let active = self.active.clone();
+                self.dema.start(vars, |n| averaged(n, &active))?;
             }
         }
         Ok(())
@@ -262,6 +259,9 @@ impl Method for Mage {
         vars: &Vars,
         _train: &[Example],
     ) -> Result<()> {
+        for (name, star) in self.dema.finish() {
+            self.star.insert(name, to_mat(&star)?);
+        }
         let (mut total, mut non_finite) = (0usize, 0usize);
         for (name, star) in std::mem::take(&mut self.star) {
             let Some(v) = vars.get(&name) else { continue };
