@@ -276,19 +276,8 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         }
         let (inputs, name) = self.key(k);
         let locks = self.cache.join("stages").join(".locks");
-        std::fs::create_dir_all(&locks).map_err(|source| RunError::Io {
-            path: locks.clone(),
-            source,
-        })?;
-        let lock_path = locks.join(format!("{name}.lock"));
-        let lock = std::fs::File::create(&lock_path).map_err(|source| RunError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
-        lock.lock().map_err(|source| RunError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
+        let _lock = lock_exclusive(&locks, &name)
+            .map_err(|(path, source)| RunError::Io { path, source })?;
         // Another process may have finished it while we waited for the lock.
         if let Some(e) = self.load(k)? {
             return Ok((e, None));
@@ -526,6 +515,16 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
 struct Live {
     model: NanoBackbone,
     method: Box<dyn Method>,
+}
+
+/// Blocks until this process holds the exclusive lock `<dir>/<name>.lock` (released when the
+/// returned file is dropped); the error names the path.
+pub fn lock_exclusive(dir: &Path, name: &str) -> Result<std::fs::File, (PathBuf, std::io::Error)> {
+    std::fs::create_dir_all(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    let path = dir.join(format!("{name}.lock"));
+    let f = std::fs::File::create(&path).map_err(|e| (path.clone(), e))?;
+    f.lock().map_err(|e| (path, e))?;
+    Ok(f)
 }
 
 fn poisoned() -> RunError {

@@ -23,13 +23,9 @@ pub fn cache_dir(cache: Option<PathBuf>) -> PathBuf {
 pub struct CacheLock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock(cache: &Path, name: &str) -> Result<CacheLock> {
-    let dir = cache.join(".locks");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("{name}.lock"));
-    let f = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
-    f.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(CacheLock(f))
+    cnext_harness::stages::lock_exclusive(&cache.join(".locks"), name)
+        .map(CacheLock)
+        .map_err(|(path, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
 }
 
 /// The data key of a profile and seed (part of every stage key).
