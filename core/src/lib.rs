@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod rng;
 pub mod scoring;
 mod task;
+pub mod transfer;
 
 pub use matrix::{AccuracyMatrix, MatrixError};
 pub use task::{Modality, Order, ParseIdError, TaskId};

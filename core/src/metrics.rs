@@ -174,7 +174,7 @@ impl Metrics {
 }
 
 /// The kind of a wrong answer on a text task (`shared/SCORING.md`, error-type diagnostics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorType {
     /// Instruction unfollowing: the output is not of the form asked for.

@@ -4,6 +4,7 @@
 
 pub mod classes;
 pub mod covers;
+pub mod errors;
 pub mod evaluate;
 pub mod font;
 pub mod formats;

@@ -4,6 +4,7 @@
 pub mod assets;
 pub mod clip;
 pub mod device;
+pub mod errors;
 pub mod eval;
 pub mod method;
 pub mod optim;

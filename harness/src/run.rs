@@ -3,6 +3,7 @@
 //! matrix.csv, results.json, predictions in the official merge.jsonl format, and generated
 //! images.
 
+use crate::errors::{error_report, Cell, ErrorReport};
 use crate::eval::EvalError;
 use crate::optim::AdamWConfig;
 use crate::stages::{Chain, StageRecord};
@@ -10,7 +11,9 @@ use crate::train::{StageStats, TrainConfig, TrainError};
 use cnext_adapters::LoraConfig;
 use cnext_core::metrics::Metrics;
 use cnext_core::scoring::clip::ClipModel;
+use cnext_core::transfer::{all_transfers, Transfer};
 use cnext_core::{AccuracyMatrix, MatrixError, Order};
+use cnext_datasets::errors::Judge;
 use cnext_datasets::loader::DataError;
 use cnext_datasets::TaskSpec;
 use image::RgbImage;
@@ -88,6 +91,12 @@ pub struct RunResult {
     /// The method's diagnostics after each stage (empty for most methods).
     pub diagnostics: Vec<BTreeMap<String, f64>>,
     pub trained_now: Vec<bool>,
+    /// Error types of the wrong text answers (absent in runs written before they existed).
+    #[serde(default)]
+    pub errors: Option<ErrorReport>,
+    /// How learning each task moved every earlier task (the paper's Table 3).
+    #[serde(default)]
+    pub transfer: Vec<Transfer>,
     pub base: String,
     /// Where it trained (`cpu`, `cuda:0`): matrices are deterministic per machine and device.
     pub device: String,
@@ -142,10 +151,11 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), RunError> {
 }
 
 /// Runs the chain stage by stage (cached stages are loaded, not retrained), writing the run
-/// folder `out`.
+/// folder `out`. Wrong text answers are typed by the rules, or by `judge` when given.
 pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
     chain: &Chain<C>,
     out: &Path,
+    judge: Option<&dyn Judge>,
 ) -> Result<RunResult, RunError> {
     let cfg = chain.cfg;
     let order = cfg.order.tasks();
@@ -161,6 +171,18 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
             )?;
         }
     }
+    let cells: Vec<Cell> = entries
+        .iter()
+        .enumerate()
+        .flat_map(|(j, e)| {
+            chain.seen(j + 1).into_iter().map(move |task| Cell {
+                stage: j + 1,
+                task,
+                predictions: e.predictions(task),
+            })
+        })
+        .collect();
+    let errors = error_report(&matrix, &cells, &|t| chain.references(t), judge)?;
     let trained_now = entries.iter().map(|e| e.trained_now).collect();
     let records: Vec<StageRecord> = entries.into_iter().map(|e| e.record).collect();
     let mut versions = BTreeMap::new();
@@ -173,12 +195,14 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
         method_config: method.config(),
         config: cfg.clone(),
         metrics: Metrics::of(&matrix).rounded(),
-        matrix,
         stages: records.iter().map(|r| r.stats.clone()).collect(),
         eval_seconds: records.iter().map(|r| r.eval_seconds).collect(),
         stage_keys: records.iter().map(|r| r.key.clone()).collect(),
         diagnostics: records.iter().map(|r| r.diagnostics.clone()).collect(),
         trained_now,
+        errors: Some(errors),
+        transfer: all_transfers(&matrix),
+        matrix,
         base: chain.base.dir.display().to_string(),
         device: device_name(&chain.base.device),
         versions,

@@ -12,13 +12,14 @@ use crate::assets::Base;
 use crate::eval::{evaluate, TaskEval};
 use crate::method::{Ensembled, Method, Schedule, StageInfo};
 use crate::run::{RunConfig, RunError};
-use crate::tasks::{eval_items, train_examples, EvalItem};
+use crate::tasks::{eval_items, train_examples, EvalItem, Reference};
 use crate::train::{train, StageStats};
 use candle_core::Tensor;
 use cnext_backbones::nano::backbone::NanoBackbone;
 use cnext_backbones::{Backbone, Example};
 use cnext_core::scoring::clip::ClipModel;
 use cnext_core::{AccuracyMatrix, TaskId};
+use cnext_datasets::formats::QuestionId;
 use cnext_datasets::loader::load_task;
 use cnext_datasets::TaskSpec;
 use image::RgbImage;
@@ -165,6 +166,19 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             Schedule::Joint => order.to_vec(),
             _ => order[..k.min(order.len())].to_vec(),
         }
+    }
+
+    /// The text references of task `t`'s test questions, by question id (image tasks: none).
+    pub fn references(&self, t: TaskId) -> Result<BTreeMap<QuestionId, Vec<String>>, RunError> {
+        let sets = self.task_data(t)?;
+        Ok(sets
+            .1
+            .iter()
+            .filter_map(|i| match &i.reference {
+                Reference::Text(r) => Some((i.question_id.clone(), r.clone())),
+                _ => None,
+            })
+            .collect())
     }
 
     fn task_data(&self, t: TaskId) -> Result<TaskSets, RunError> {

@@ -2,7 +2,10 @@
 //! snapshots and the libtest-mimic trials of `tests/suite.rs`; the `cnext` binary shares the
 //! setup.
 
+pub mod judge;
 pub mod names;
 pub mod plan;
+pub mod report;
+pub mod seeds;
 pub mod setup;
 pub mod snapshot;

@@ -51,8 +51,17 @@ enum Cmd {
         order: cnext_core::Order,
         #[arg(long, default_value = "mini", value_parser = parse_profile)]
         profile: DataProfile,
-        #[arg(long, default_value_t = 0)]
+        /// Training seed (adapter init, shuffling, dropout).
+        #[arg(long, default_value_t = 0, conflicts_with = "seeds")]
         seed: u64,
+        /// Several training seeds, e.g. `0,1,2`: one run each (in `seed<N>/` under the run
+        /// folder) and `summary.json` / `summary.md` with mean and std per metric.
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        seeds: Vec<u64>,
+        /// The benchmark's seed: generated data, nano base and scorer (the same for every
+        /// training seed, so all seeds are scored alike).
+        #[arg(long, default_value_t = 0)]
+        data_seed: u64,
         /// Training steps per stage (default: 300 mini, 20 smoke).
         #[arg(long)]
         steps: Option<usize>,
@@ -64,6 +73,13 @@ enum Cmd {
         /// Where the backbone trains: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Type wrong answers with an LLM judge at this OpenAI-compatible endpoint (API key from
+        /// the environment variable CNEXT_JUDGE_API_KEY, if set); failures fall back to the rules.
+        #[arg(long)]
+        judge: Option<String>,
+        /// The judge's model name.
+        #[arg(long, default_value = "gpt-4o-mini", requires = "judge")]
+        judge_model: String,
     },
     /// Build (or load) the cached pretrained nano base of a profile.
     Base {
@@ -108,6 +124,16 @@ enum Cmd {
         /// Image tasks: cache folder holding the scorer (default target/cnext).
         #[arg(long)]
         cache: Option<PathBuf>,
+    },
+    /// Figures and tables comparing finished runs: run folders (results.json) or multi-seed
+    /// folders (summary.json).
+    Report {
+        /// Run folders (results.json) or multi-seed folders (summary.json).
+        #[arg(required = true, num_args = 1..)]
+        dirs: Vec<PathBuf>,
+        /// Output folder (default target/cnext/reports/<method ids joined by +>).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -212,11 +238,26 @@ fn run(cli: Cli) -> Result<()> {
             order,
             profile,
             seed,
+            seeds,
+            data_seed,
             steps,
             out,
             cache,
             device,
-        } => crate::run::run_cmd(method, order, profile, seed, steps, out, cache, device),
+            judge,
+            judge_model,
+        } => crate::run::run_cmd(crate::run::RunArgs {
+            method,
+            order,
+            profile,
+            seeds: if seeds.is_empty() { vec![seed] } else { seeds },
+            data_seed,
+            steps,
+            out,
+            cache,
+            device,
+            judge: judge.map(|url| (url, judge_model)),
+        }),
         Cmd::Score {
             task,
             annotations,
@@ -236,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             per_sample,
             || ensure_clip(&cache_dir(cache), profile, seed),
         ),
+        Cmd::Report { dirs, out } => cnext_suite::report::report_cmd(&dirs, out),
     }
 }
 

@@ -250,12 +250,12 @@ pub fn run(name: &TestName, methods: &[MethodEntry]) -> Result<(), String> {
             let old = snap.cell(stage.number(), task).ok_or_else(|| {
                 format!("{name}: the snapshot {} has no such cell", path.display())
             })?;
-            if new < old - tol.cell {
+            if new < old - tol.cell(task) {
                 return Err(format!(
                     "{name}: {new:.2} is below the snapshot value {old:.2} by {:.2} \
                      (tolerance {:.2}; {})",
                     old - new,
-                    tol.cell,
+                    tol.cell(task),
                     path.display()
                 ));
             }

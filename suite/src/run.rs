@@ -1,42 +1,137 @@
-//! `cnext run`: the main job.
+//! `cnext run`: the main job, for one training seed or several (`--seeds 0,1,2`).
 
 use crate::opt2;
-use anyhow::Result;
+use anyhow::{Context, Result};
+use cnext_core::metrics::ErrorType;
 use cnext_core::Order;
+use cnext_datasets::errors::Judge;
 use cnext_datasets::DataProfile;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::MethodEntry;
-use cnext_harness::run::run;
+use cnext_harness::run::{run, write_atomic, RunResult};
+use cnext_suite::judge::{ChatJudge, JudgeConfig};
+use cnext_suite::seeds::{fmt_stat, summarize, summary_markdown, SUMMARY_METRICS};
 use cnext_suite::setup::{cache_dir, run_config, Bench};
 use comfy_table::Table;
 use std::path::PathBuf;
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_cmd(
-    method: &MethodEntry,
-    order: Order,
-    profile: DataProfile,
-    seed: u64,
-    steps: Option<usize>,
-    out: Option<PathBuf>,
-    cache: Option<PathBuf>,
-    device: DeviceSpec,
-) -> Result<()> {
+/// What `cnext run` was asked for.
+pub(crate) struct RunArgs {
+    pub method: &'static MethodEntry,
+    pub order: Order,
+    pub profile: DataProfile,
+    /// Training seeds; one run each.
+    pub seeds: Vec<u64>,
+    /// The benchmark's seed: data, base and scorer (fixed across training seeds, so every seed
+    /// is scored by the same scorer on the same data).
+    pub data_seed: u64,
+    pub steps: Option<usize>,
+    pub out: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+    pub device: DeviceSpec,
+    pub judge: Option<(String, String)>,
+}
+
+pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let cache = cache_dir(cache);
-    let bench = Bench::open(profile, seed, cache.clone(), device)?;
-    let cfg = run_config(profile, order, seed, steps);
-    let out = out.unwrap_or_else(|| {
-        cache.join("runs").join(format!(
-            "{}-{order}-{}-seed{seed}",
-            method.id,
-            profile.as_str()
-        ))
-    });
-    let mut chain = bench.chain(&cfg, method)?;
-    chain.progress = true;
+    let mut sorted = a.seeds.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != a.seeds.len() || a.seeds.is_empty() {
+        anyhow::bail!("--seeds must list distinct seeds, got {:?}", a.seeds);
+    }
+    let cache = cache_dir(a.cache.clone());
+    let bench = Bench::open(a.profile, a.data_seed, cache.clone(), a.device)?;
+    let judge = match &a.judge {
+        Some((url, model)) => Some(ChatJudge::new(JudgeConfig::new(url, model))?),
+        None => None,
+    };
+    let judge = judge.as_ref().map(|j| j as &dyn Judge);
+    let data = if a.data_seed == 0 {
+        String::new()
+    } else {
+        format!("-data{}", a.data_seed)
+    };
+    let seeds_name = a
+        .seeds
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let name = |s: &str| {
+        format!(
+            "{}-{}-{}{data}-seed{s}",
+            a.method.id,
+            a.order,
+            a.profile.as_str()
+        )
+    };
     let setup = t0.elapsed().as_secs_f64();
-    let r = run(&chain, &out)?;
+    if let [seed] = a.seeds[..] {
+        let out = a
+            .out
+            .clone()
+            .unwrap_or_else(|| cache.join("runs").join(name(&seed.to_string())));
+        let r = one_seed(&a, &bench, seed, &out, judge)?;
+        print_run(&r);
+        print_footer(&r, &out, setup, t0);
+        return Ok(());
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| cache.join("runs").join(name(&format!("s{seeds_name}"))));
+    let mut results = vec![];
+    let mut runs = vec![];
+    for &seed in &a.seeds {
+        let dir = format!("seed{seed}");
+        println!("== seed {seed}");
+        let r = one_seed(&a, &bench, seed, &out.join(&dir), judge)?;
+        print_run(&r);
+        results.push(r);
+        runs.push(dir);
+    }
+    let s = summarize(a.profile.as_str(), &a.seeds, &runs, &results)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&s)?.as_bytes(),
+    )?;
+    write_atomic(&out.join("summary.md"), summary_markdown(&s).as_bytes())?;
+    let mut t = Table::new();
+    let mut header = vec!["method".to_string()];
+    header.extend(SUMMARY_METRICS.iter().map(|m| m.to_string()));
+    t.set_header(header);
+    let mut row = vec![s.method.clone()];
+    row.extend(
+        SUMMARY_METRICS
+            .iter()
+            .map(|m| fmt_stat(s.metrics.get(*m).and_then(|v| v.as_ref()))),
+    );
+    t.add_row(row);
+    println!("mean ± std over seeds {seeds_name}\n{t}");
+    println!(
+        "wrote {} (summary.json, summary.md, one folder per seed; total {:.1} s)",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn one_seed(
+    a: &RunArgs,
+    bench: &Bench,
+    seed: u64,
+    out: &std::path::Path,
+    judge: Option<&dyn Judge>,
+) -> Result<RunResult> {
+    let cfg = run_config(a.profile, a.order, seed, a.steps);
+    let mut chain = bench.chain(&cfg, a.method)?;
+    chain.progress = true;
+    run(&chain, out, judge).with_context(|| format!("{} seed {seed}", a.method.id))
+}
+
+fn print_run(r: &RunResult) {
     let mut table = Table::new();
     let mut header = vec!["stage".to_string()];
     header.extend(r.matrix.tasks().iter().map(|t| t.to_string()));
@@ -52,6 +147,7 @@ pub(crate) fn run_cmd(
     }
     println!("{table}");
     let m = &r.metrics;
+    let e = r.errors.as_ref();
     let mut t2 = Table::new();
     t2.set_header([
         "Avg.ACC",
@@ -61,6 +157,9 @@ pub(crate) fn run_cmd(
         "MAA",
         "text avg",
         "image avg",
+        "Avg.IUF",
+        "Avg.HAL",
+        "Avg.OTH",
     ]);
     t2.add_row([
         opt2(m.avg_acc),
@@ -70,8 +169,34 @@ pub(crate) fn run_cmd(
         opt2(m.maa),
         opt2(m.text_avg),
         opt2(m.image_avg),
+        opt2(e.and_then(|e| e.avg_iuf)),
+        opt2(e.and_then(|e| e.avg_hal)),
+        opt2(e.and_then(|e| e.avg_oth)),
     ]);
     println!("{t2}");
+    if let Some(e) = e {
+        let last = r.matrix.num_stages().saturating_sub(1);
+        let mut t = Table::new();
+        let mut header = vec!["final row".to_string()];
+        header.extend(r.matrix.tasks().iter().map(|t| t.to_string()));
+        t.set_header(header);
+        for (label, kind) in [
+            ("IUF %", ErrorType::Iuf),
+            ("HAL %", ErrorType::Hal),
+            ("OTH %", ErrorType::Oth),
+        ] {
+            let mut row = vec![label.to_string()];
+            row.extend(
+                (0..r.matrix.tasks().len())
+                    .map(|i| opt2(e.rates.of(kind).get(last).and_then(|r| r[i]))),
+            );
+            t.add_row(row);
+        }
+        println!(
+            "error types of wrong text answers ({:?})\n{t}",
+            e.classifier
+        );
+    }
     let keys: std::collections::BTreeSet<&String> =
         r.diagnostics.iter().flat_map(|d| d.keys()).collect();
     if !keys.is_empty() {
@@ -89,6 +214,9 @@ pub(crate) fn run_cmd(
         }
         println!("{} diagnostics\n{t3}", r.method);
     }
+}
+
+fn print_footer(r: &RunResult, out: &std::path::Path, setup: f64, t0: std::time::Instant) {
     // `+ 0.0`: an empty float sum is -0.0, which would print as "-0.0 s".
     let train_s: f64 = r.stages.iter().flatten().map(|s| s.seconds).sum::<f64>() + 0.0;
     let cached = r.trained_now.iter().filter(|t| !**t).count();
@@ -99,5 +227,4 @@ pub(crate) fn run_cmd(
         r.trained_now.len(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(())
 }

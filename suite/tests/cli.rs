@@ -224,6 +224,59 @@ fn bad_arguments_fail_cleanly() {
     assert!(stderr(&o).contains("/nonexistent/m.csv"));
 }
 
+/// On a real run's output: every wrong text answer has exactly one error type, so in each text
+/// cell IUF + HAL + OTH = 100 - accuracy, and Avg.IUF + Avg.HAL + Avg.OTH equals the text tasks'
+/// share of Forgetting, recomputed here from matrix.csv.
+fn decomposition_invariant_holds(out: &Path) {
+    let r: cnext_harness::run::RunResult =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let e = r
+        .errors
+        .as_ref()
+        .expect("results.json has the error report");
+    let csv = std::fs::read_to_string(out.join("matrix.csv")).unwrap();
+    let rows: Vec<Vec<Option<f64>>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|c| c.parse().ok()).collect())
+        .collect();
+    let tasks = r.matrix.tasks();
+    let mut wrong_cells = 0;
+    for (j, row) in rows.iter().enumerate() {
+        for (i, task) in tasks.iter().enumerate().take(j + 1) {
+            let rate = |x: &Vec<Vec<Option<f64>>>| x[j][i];
+            let (iuf, hal, oth) = (rate(&e.rates.iuf), rate(&e.rates.hal), rate(&e.rates.oth));
+            if task.output() == cnext_core::Modality::Image {
+                assert_eq!((iuf, hal, oth), (None, None, None), "{task} after {j}");
+                continue;
+            }
+            let sum = iuf.unwrap() + hal.unwrap() + oth.unwrap();
+            let acc = row[i].unwrap();
+            assert!(
+                (sum - (100.0 - acc)).abs() < 1e-9,
+                "{task} after {j}: {sum} vs {acc}"
+            );
+            wrong_cells += usize::from(sum > 0.0);
+        }
+    }
+    assert!(
+        wrong_cells > 0,
+        "a 3-step smoke run answers some questions wrong"
+    );
+    let t = rows.len();
+    let text_forgetting: f64 = (0..t - 1)
+        .filter(|&i| tasks[i].output() == cnext_core::Modality::Text)
+        .map(|i| rows[i][i].unwrap() - rows[t - 1][i].unwrap())
+        .sum::<f64>()
+        / (t - 1) as f64;
+    let avg_sum = e.avg_iuf.unwrap() + e.avg_hal.unwrap() + e.avg_oth.unwrap();
+    assert!(
+        (avg_sum - text_forgetting).abs() < 1e-9,
+        "{avg_sum} vs {text_forgetting}"
+    );
+    assert!((e.text_forgetting.unwrap() - text_forgetting).abs() < 1e-9);
+}
+
 #[test]
 fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
     let tmp = tempfile::tempdir().unwrap();
@@ -302,6 +355,7 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
     let res: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(res["stages"].as_array().unwrap().len(), 6);
+    decomposition_invariant_holds(&out);
     // Predictions per stage and task in the official format; images for image tasks.
     let p = out.join("predictions/stage6/vqav2/merge.jsonl");
     let first = std::fs::read_to_string(&p).unwrap();
@@ -353,6 +407,101 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
             "{task}: matrix.csv has {cell}"
         );
     }
+    // Several training seeds: the seed-0 run comes from the cache, and summary.json holds the
+    // per-seed values with their mean and sample std.
+    let ms = tmp.path().join("seeds");
+    let o = cnext(&[
+        "run",
+        "--method",
+        "lora",
+        "--profile",
+        "smoke",
+        "--steps",
+        "3",
+        "--seeds",
+        "0,1",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--out",
+        ms.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("mean ± std over seeds 0,1"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(ms.join("seed0/matrix.csv")).unwrap(),
+        csv
+    );
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ms.join("summary.json")).unwrap()).unwrap();
+    let per_seed: Vec<f64> = ["seed0", "seed1"]
+        .iter()
+        .map(|d| {
+            let r: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(ms.join(d).join("results.json")).unwrap(),
+            )
+            .unwrap();
+            r["metrics"]["avg_acc"].as_f64().unwrap()
+        })
+        .collect();
+    let avg = &sum["metrics"]["avg_acc"];
+    let mean = (per_seed[0] + per_seed[1]) / 2.0;
+    let std = ((per_seed[0] - mean).powi(2) + (per_seed[1] - mean).powi(2)).sqrt();
+    assert!((avg["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{sum}");
+    assert!((avg["std"].as_f64().unwrap() - std).abs() < 1e-9, "{sum}");
+    decomposition_invariant_holds(&ms.join("seed1"));
+    // A report over the single run and the multi-seed folder.
+    let rep = tmp.path().join("report");
+    let o = cnext(&[
+        "report",
+        out.to_str().unwrap(),
+        ms.to_str().unwrap(),
+        "--out",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files: Vec<String> = std::fs::read_dir(&rep)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in [
+        "curves.png",
+        "curves.svg",
+        "decomposition.png",
+        "comparison.csv",
+        "transfer.csv",
+    ] {
+        assert!(files.iter().any(|n| n == f), "{f} missing: {files:?}");
+    }
+    let heatmaps = files
+        .iter()
+        .filter(|n| n.starts_with("heatmap-") && n.ends_with(".png"));
+    assert_eq!(heatmaps.count(), 2, "{files:?}");
+    let cmp = std::fs::read_to_string(rep.join("comparison.csv")).unwrap();
+    assert_eq!(cmp.lines().count(), 3, "{cmp}");
+    assert!(
+        cmp.contains(" ± "),
+        "the multi-seed row has mean ± std: {cmp}"
+    );
+    let o = cnext(&[
+        "run",
+        "--method",
+        "lora",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "1,1",
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("distinct seeds"),
+        "{}",
+        stderr(&o)
+    );
     // The zero-shot rows are identical at every stage.
     let o = cnext(&[
         "run",

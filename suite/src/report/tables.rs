@@ -1,0 +1,228 @@
+//! The comparison table (one row of metrics per input) and the knowledge-transfer table, as
+//! CSV, Markdown and a terminal table. Values have two decimals; a missing one is `-`.
+
+use super::Input;
+use crate::seeds::{fmt_stat, SeedStat};
+use cnext_core::metrics::{fmt2, mean_std};
+use cnext_core::transfer::{all_transfers, Transfer};
+use cnext_harness::run::RunResult;
+
+/// `fmt2`, or `-` when missing.
+pub(crate) fn opt2(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), fmt2)
+}
+
+/// Mean and std of a value over runs; `None` if any run lacks it.
+pub(crate) fn stat_over(
+    runs: &[RunResult],
+    f: impl Fn(&RunResult) -> Option<f64>,
+) -> Option<SeedStat> {
+    let values: Vec<f64> = runs.iter().map(f).collect::<Option<_>>()?;
+    let (mean, std) = mean_std(&values)?;
+    Some(SeedStat { mean, std, values })
+}
+
+/// One comparison column: its header, its name in `Summary::metrics` (if summarised there),
+/// and how to read it from a run.
+struct Column {
+    header: &'static str,
+    summary_key: Option<&'static str>,
+    get: fn(&RunResult) -> Option<f64>,
+}
+
+const COLUMNS: [Column; 9] = [
+    Column {
+        header: "Avg.ACC",
+        summary_key: Some("avg_acc"),
+        get: |r| r.metrics.avg_acc,
+    },
+    Column {
+        header: "Forgetting",
+        summary_key: Some("forgetting"),
+        get: |r| r.metrics.forgetting,
+    },
+    Column {
+        header: "New.ACC",
+        summary_key: Some("new_acc"),
+        get: |r| r.metrics.new_acc,
+    },
+    Column {
+        header: "MAA",
+        summary_key: Some("maa"),
+        get: |r| r.metrics.maa,
+    },
+    Column {
+        header: "text avg",
+        summary_key: None,
+        get: |r| r.metrics.text_avg,
+    },
+    Column {
+        header: "image avg",
+        summary_key: None,
+        get: |r| r.metrics.image_avg,
+    },
+    Column {
+        header: "Avg.IUF",
+        summary_key: Some("avg_iuf"),
+        get: |r| r.errors.as_ref().and_then(|e| e.avg_iuf),
+    },
+    Column {
+        header: "Avg.HAL",
+        summary_key: Some("avg_hal"),
+        get: |r| r.errors.as_ref().and_then(|e| e.avg_hal),
+    },
+    Column {
+        header: "Avg.OTH",
+        summary_key: Some("avg_oth"),
+        get: |r| r.errors.as_ref().and_then(|e| e.avg_oth),
+    },
+];
+
+/// The comparison table: a header and one row of formatted cells per input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Comparison {
+    pub fn of(inputs: &[Input]) -> Comparison {
+        let mut header: Vec<String> = ["method", "order", "seeds"].map(String::from).to_vec();
+        header.extend(COLUMNS.iter().map(|c| c.header.to_string()));
+        let rows = inputs
+            .iter()
+            .map(|input| {
+                let mut row = vec![
+                    input.method.clone(),
+                    input.order.to_string(),
+                    input.seeds_list(),
+                ];
+                row.extend(COLUMNS.iter().map(|c| cell(input, c)));
+                row
+            })
+            .collect();
+        Comparison { header, rows }
+    }
+
+    pub fn csv(&self) -> String {
+        let mut out = csv_line(&self.header);
+        for r in &self.rows {
+            out.push_str(&csv_line(r));
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        markdown_table(&self.header, &self.rows)
+    }
+
+    /// The terminal table.
+    pub fn table(&self) -> comfy_table::Table {
+        let mut t = comfy_table::Table::new();
+        t.set_header(self.header.clone());
+        for r in &self.rows {
+            t.add_row(r.clone());
+        }
+        t
+    }
+}
+
+fn cell(input: &Input, c: &Column) -> String {
+    match &input.summary {
+        None => opt2(input.runs.first().and_then(c.get)),
+        Some(s) => {
+            let stored = c.summary_key.and_then(|k| s.metrics.get(k));
+            match stored {
+                Some(stat) => fmt_stat(stat.as_ref()),
+                None => fmt_stat(stat_over(&input.runs, c.get).as_ref()),
+            }
+        }
+    }
+}
+
+/// One CSV record (RFC 4180 quoting where needed).
+pub(crate) fn csv_line<S: AsRef<str>>(cells: &[S]) -> String {
+    let quoted: Vec<String> = cells
+        .iter()
+        .map(|c| {
+            let c = c.as_ref();
+            if c.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", c.replace('"', "\"\""))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    quoted.join(",") + "\n"
+}
+
+/// A Markdown table.
+pub(crate) fn markdown_table<S: AsRef<str>>(header: &[S], rows: &[Vec<String>]) -> String {
+    let line = |cells: Vec<&str>| format!("| {} |\n", cells.join(" | ").replace('\n', " "));
+    let mut out = line(header.iter().map(|h| h.as_ref()).collect());
+    out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for r in rows {
+        out.push_str(&line(r.iter().map(|c| c.as_str()).collect()));
+    }
+    out
+}
+
+/// The transfer rows of an input: stored in a run's results (recomputed from the matrix when
+/// absent), computed from the mean matrix for a multi-seed folder.
+fn transfers(input: &Input) -> Vec<Transfer> {
+    match (&input.summary, input.runs.first()) {
+        (None, Some(r)) if !r.transfer.is_empty() => r.transfer.clone(),
+        _ => all_transfers(&input.matrix),
+    }
+}
+
+const TRANSFER_HEADER: [&str; 7] = ["train", "eval", "stage", "kind", "before", "after", "delta"];
+
+fn transfer_row(t: &Transfer) -> Vec<String> {
+    vec![
+        t.train.to_string(),
+        t.eval.to_string(),
+        t.stage.to_string(),
+        t.kind.to_string(),
+        fmt2(t.before),
+        fmt2(t.after),
+        fmt2(t.delta()),
+    ]
+}
+
+/// `transfer.csv` (every input, with method/order/seeds columns) and `transfer.md` (a section
+/// per input).
+pub(crate) fn transfer(inputs: &[Input]) -> (String, String) {
+    let mut header = vec!["method", "order", "seeds"];
+    header.extend(TRANSFER_HEADER);
+    let mut csv = csv_line(&header);
+    let mut md = String::from("# Knowledge transfer\n\nHow learning the `train` task at `stage` moved the score of an earlier `eval` task: `before` = after stage - 1, `after` = after `stage` (mean matrix for multi-seed inputs).\n");
+    for input in inputs {
+        let rows: Vec<Vec<String>> = transfers(input).iter().map(transfer_row).collect();
+        for r in &rows {
+            let mut line = vec![
+                input.method.clone(),
+                input.order.to_string(),
+                input.seeds_list(),
+            ];
+            line.extend(r.iter().cloned());
+            csv.push_str(&csv_line(&line));
+        }
+        md.push_str(&format!(
+            "\n## {} / {} / {}\n\n",
+            input.method,
+            input.order,
+            input.seeds_text()
+        ));
+        if rows.is_empty() {
+            md.push_str(if input.matrix.is_joint() {
+                "No transfer: a joint run has no stages.\n"
+            } else {
+                "No transfer: fewer than two stages.\n"
+            });
+        } else {
+            md.push_str(&markdown_table(&TRANSFER_HEADER, &rows));
+        }
+    }
+    (csv, md)
+}
