@@ -8,7 +8,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use cnext_backbones::{Backbone, Example};
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars};
+use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,6 +16,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "cia",
     about: "dynamic EMA of the weights (DEMA) with a gradient-derived rate",
     new: || Box::new(Cia::new(CiaConfig::default())),
+    configure: |v| typed(v, |c: CiaConfig| Box::new(Cia::new(c)) as Box<dyn Method>),
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

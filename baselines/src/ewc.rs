@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Vars};
+use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Vars, typed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,6 +16,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "ewc",
     about: "elastic weight consolidation (diagonal empirical Fisher penalty)",
     new: || Box::new(Ewc::new(EwcConfig::default())),
+    configure: |v| typed(v, |c: EwcConfig| Box::new(Ewc::new(c)) as Box<dyn Method>),
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use cnext_backbones::{Backbone, Example};
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars};
+use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,6 +16,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "lae",
     about: "online + EMA offline adapter, max-probability ensemble at inference",
     new: || Box::new(Lae::new(LaeConfig::default())),
+    configure: |v| typed(v, |c: LaeConfig| Box::new(Lae::new(c)) as Box<dyn Method>),
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

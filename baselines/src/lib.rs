@@ -77,4 +77,55 @@ mod tests {
         assert_eq!(files, listed, "each method file must be listed in ALL");
         assert!(find("lora").is_some() && find("nope").is_none());
     }
+
+    #[test]
+    fn configure_round_trips_every_default_config() {
+        // The same config through `configure` must give the same method (and so the same
+        // stage keys) as `new`.
+        for e in ALL {
+            let default = (e.new)();
+            let configured = (e.configure)(default.config()).unwrap()();
+            assert_eq!(configured.id(), e.id);
+            assert_eq!(configured.config(), default.config(), "{}", e.id);
+        }
+    }
+
+    #[test]
+    fn overrides_follow_dotted_paths_and_name_what_is_wrong() {
+        use std::collections::BTreeMap;
+        let set = |pairs: &[(&str, serde_json::Value)]| -> BTreeMap<String, serde_json::Value> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        };
+        let mage = find("mage").unwrap();
+        let f = mage
+            .with_overrides(&set(&[(
+                "averaging.pema.alpha_policy",
+                serde_json::json!("faithful"),
+            )]))
+            .unwrap();
+        let cfg = f().config();
+        assert_eq!(cfg["averaging"]["pema"]["alpha_policy"], "faithful");
+        assert_eq!(cfg["experts"], 4, "other fields keep their defaults");
+        let e = mage
+            .with_overrides(&set(&[("expert", serde_json::json!(2))]))
+            .err()
+            .unwrap();
+        assert!(e.contains("unknown config key `expert`") && e.contains("experts"), "{e}");
+        let e = mage
+            .with_overrides(&set(&[("experts", serde_json::json!("four"))]))
+            .err()
+            .unwrap();
+        assert!(e.starts_with("mage: invalid type"), "{e}");
+        let e = find("lora")
+            .unwrap()
+            .with_overrides(&set(&[("rank", serde_json::json!(4))]))
+            .err()
+            .unwrap();
+        assert!(e.contains("unknown config key `rank`") && e.contains("none"), "{e}");
+        let ewc = find("ewc").unwrap();
+        let f = ewc
+            .with_overrides(&set(&[("lambda", serde_json::json!(500.0))]))
+            .unwrap();
+        assert_eq!(f().config()["lambda"], 500.0);
+    }
 }

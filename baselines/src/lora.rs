@@ -2,12 +2,13 @@
 //! 2022): one adapter of rank r on q,k,v,o,gate,up,down plus the projector, trained on each
 //! task in turn with no continual-learning mechanism. The sequential lower reference.
 
-use cnext_harness::method::{Hooks, Method, MethodEntry};
+use cnext_harness::method::{Hooks, Method, MethodEntry, no_config};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "lora",
     about: "one LoRA trained on each task in turn",
     new: || Box::new(Lora),
+    configure: |v| no_config(v, || Box::new(Lora)),
 };
 
 /// No knobs beyond the shared LoRA settings.

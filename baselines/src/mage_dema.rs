@@ -2,7 +2,7 @@
 //! experts, modality gating, and DEMA's gradient-derived rate for the trainable experts.
 
 use crate::mage::{Averaging, Mage, MageConfig};
-use cnext_harness::method::MethodEntry;
+use cnext_harness::method::{MethodEntry, typed, Method};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "mage_dema",
@@ -16,4 +16,5 @@ pub const ENTRY: MethodEntry = MethodEntry {
             },
         ))
     },
+    configure: |v| typed(v, |c: MageConfig| Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>),
 };

@@ -12,7 +12,7 @@ use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, Ctx, LoraConfig};
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars};
+use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
 use cnext_kernels::linalg::sym_eigen;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,6 +21,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "pgp",
     about: "gradient projection of LoRA-A orthogonal to earlier tasks' input subspace",
     new: || Box::new(Pgp::new(PgpConfig::default())),
+    configure: |v| typed(v, |c: PgpConfig| Box::new(Pgp::new(c)) as Box<dyn Method>),
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,12 +1,13 @@
 //! Multitask upper bound: one LoRA trained jointly on the union of all tasks (as many steps as
 //! the sequential stages together); one matrix row, whose Avg.ACC bounds the continual methods.
 
-use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule};
+use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule, no_config};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "upper_bound",
     about: "one LoRA trained jointly on all tasks",
     new: || Box::new(UpperBound),
+    configure: |v| no_config(v, || Box::new(UpperBound)),
 };
 
 pub struct UpperBound;

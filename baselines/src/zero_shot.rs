@@ -2,12 +2,13 @@
 //! Every stage evaluates the same model, so its matrix rows are identical; the suite checks it.
 
 use cnext_adapters::{AdapterPlan, LoraConfig};
-use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule};
+use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule, no_config};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "zero_shot",
     about: "the base model, untrained",
     new: || Box::new(ZeroShot),
+    configure: |v| no_config(v, || Box::new(ZeroShot)),
 };
 
 pub struct ZeroShot;

@@ -9,6 +9,7 @@ use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::{Backbone, Example, Output, OutputKind, Prompt};
 use cnext_core::TaskId;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The trainable variables of a model, by full weight name.
 pub type Vars = BTreeMap<String, Var>;
@@ -128,13 +129,85 @@ pub trait Method: Hooks + Send {
     }
 }
 
+/// Builds fresh instances of one configured method (a chain makes one per stage).
+pub type MethodFactory = Arc<dyn Fn() -> Box<dyn Method> + Send + Sync>;
+
 /// A registry entry: one line per method in `baselines::ALL`.
 #[derive(Clone, Copy)]
 pub struct MethodEntry {
     pub id: &'static str,
     /// One line for `--help` and listings.
     pub about: &'static str,
+    /// The method with its default config.
     pub new: fn() -> Box<dyn Method>,
+    /// The method with a config given as JSON (the typed config's serde form; unknown fields
+    /// are errors). Use [`typed`] or [`no_config`].
+    pub configure: fn(serde_json::Value) -> std::result::Result<MethodFactory, String>,
+}
+
+impl MethodEntry {
+    /// The factory of the default config.
+    pub fn factory(&self) -> MethodFactory {
+        Arc::new(self.new)
+    }
+
+    /// The default config with `overrides` applied: dotted paths into its JSON form
+    /// (`averaging.pema.alpha_policy`) to JSON values. A path the config does not have is an
+    /// error naming the keys it does have.
+    pub fn with_overrides(
+        &self,
+        overrides: &BTreeMap<String, serde_json::Value>,
+    ) -> std::result::Result<MethodFactory, String> {
+        if overrides.is_empty() {
+            return Ok(self.factory());
+        }
+        let mut cfg = (self.new)().config();
+        for (path, value) in overrides {
+            let mut at = &mut cfg;
+            for key in path.split('.') {
+                let obj = at.as_object_mut().ok_or_else(|| {
+                    format!("{}: `{path}`: `{key}` is inside a value, not a table", self.id)
+                })?;
+                let known: Vec<String> = obj.keys().cloned().collect();
+                at = obj.get_mut(key).ok_or_else(|| {
+                    format!(
+                        "{}: unknown config key `{key}` in `{path}` (known: {})",
+                        self.id,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )
+                })?;
+            }
+            *at = value.clone();
+        }
+        (self.configure)(cfg).map_err(|e| format!("{}: {e}", self.id))
+    }
+}
+
+/// `configure` for a method with a typed config.
+pub fn typed<T>(
+    v: serde_json::Value,
+    build: fn(T) -> Box<dyn Method>,
+) -> std::result::Result<MethodFactory, String>
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let cfg: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    Ok(Arc::new(move || build(cfg.clone())))
+}
+
+/// `configure` for a method without knobs: only `{}` is accepted.
+pub fn no_config(
+    v: serde_json::Value,
+    build: fn() -> Box<dyn Method>,
+) -> std::result::Result<MethodFactory, String> {
+    match v.as_object() {
+        Some(o) if o.is_empty() => Ok(Arc::new(build)),
+        _ => Err(format!("takes no config, got {v}")),
+    }
 }
 
 impl std::fmt::Debug for MethodEntry {

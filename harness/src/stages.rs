@@ -10,7 +10,7 @@
 
 use crate::assets::Base;
 use crate::eval::{evaluate, TaskEval};
-use crate::method::{Ensembled, Method, Schedule, StageInfo};
+use crate::method::{Ensembled, Method, MethodFactory, Schedule, StageInfo};
 use crate::run::{RunConfig, RunError};
 use crate::tasks::{eval_items, train_examples, EvalItem, Reference};
 use crate::train::{train, StageStats};
@@ -87,7 +87,7 @@ pub struct Chain<'a, C> {
     /// Identifies the scorer.
     pub clip_key: String,
     pub cfg: &'a RunConfig,
-    pub new_method: fn() -> Box<dyn Method>,
+    pub new_method: MethodFactory,
     pub progress: bool,
     data: Mutex<BTreeMap<TaskId, TaskSets>>,
 }
@@ -110,7 +110,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         clip: &'a C,
         clip_key: String,
         cfg: &'a RunConfig,
-        new_method: fn() -> Box<dyn Method>,
+        new_method: MethodFactory,
     ) -> Self {
         Chain {
             cache,

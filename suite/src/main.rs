@@ -80,6 +80,11 @@ enum Cmd {
         /// The judge's model name.
         #[arg(long, default_value = "gpt-4o-mini", requires = "judge")]
         judge_model: String,
+        /// Change the method's config: a dotted path into its JSON form and a JSON value (a bare
+        /// word is a string), e.g. `--set lambda=500` or
+        /// `--set averaging.pema.alpha_policy=faithful`. Repeatable.
+        #[arg(long = "set", value_name = "PATH=VALUE", value_parser = parse_override)]
+        set: Vec<(String, serde_json::Value)>,
     },
     /// Build (or load) the cached pretrained nano base of a profile.
     Base {
@@ -187,6 +192,17 @@ fn parse_method(s: &str) -> Result<&'static cnext_harness::method::MethodEntry, 
     })
 }
 
+fn parse_override(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (path, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected PATH=VALUE"))?;
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        return Err(format!("`{s}`: empty key in `{path}`"));
+    }
+    let v = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.into()));
+    Ok((path.to_string(), v))
+}
+
 fn parse_profile(s: &str) -> Result<DataProfile, String> {
     match s {
         "mini" => Ok(DataProfile::Mini),
@@ -246,6 +262,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             judge,
             judge_model,
+            set,
         } => crate::run::run_cmd(crate::run::RunArgs {
             method,
             order,
@@ -257,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
             cache,
             device,
             judge: judge.map(|url| (url, judge_model)),
+            overrides: set.into_iter().collect(),
         }),
         Cmd::Score {
             task,

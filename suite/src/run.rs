@@ -7,12 +7,13 @@ use cnext_core::Order;
 use cnext_datasets::errors::Judge;
 use cnext_datasets::DataProfile;
 use cnext_harness::device::DeviceSpec;
-use cnext_harness::method::MethodEntry;
+use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
 use cnext_suite::seeds::{fmt_stat, summarize, summary_markdown, SUMMARY_METRICS};
 use cnext_suite::setup::{cache_dir, run_config, Bench};
 use comfy_table::Table;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// What `cnext run` was asked for.
@@ -30,6 +31,8 @@ pub(crate) struct RunArgs {
     pub cache: Option<PathBuf>,
     pub device: DeviceSpec,
     pub judge: Option<(String, String)>,
+    /// Method config overrides (`--set path=value`).
+    pub overrides: BTreeMap<String, serde_json::Value>,
 }
 
 pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
@@ -40,6 +43,10 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     if sorted.len() != a.seeds.len() || a.seeds.is_empty() {
         anyhow::bail!("--seeds must list distinct seeds, got {:?}", a.seeds);
     }
+    let factory = a
+        .method
+        .with_overrides(&a.overrides)
+        .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
     let cache = cache_dir(a.cache.clone());
     let bench = Bench::open(a.profile, a.data_seed, cache.clone(), a.device)?;
     let judge = match &a.judge {
@@ -47,7 +54,12 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         None => None,
     };
     let judge = judge.as_ref().map(|j| j as &dyn Judge);
-    let data = if a.data_seed == 0 {
+    // A changed config gets its own run folder, named by a hash of the overrides.
+    let data = if a.overrides.is_empty() {
+        String::new()
+    } else {
+        format!("-cfg{}", short_hash(&serde_json::to_string(&a.overrides)?))
+    } + &if a.data_seed == 0 {
         String::new()
     } else {
         format!("-data{}", a.data_seed)
@@ -72,7 +84,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
             .out
             .clone()
             .unwrap_or_else(|| cache.join("runs").join(name(&seed.to_string())));
-        let r = one_seed(&a, &bench, seed, &out, judge)?;
+        let r = one_seed(&a, &factory, &bench, seed, &out, judge)?;
         print_run(&r);
         print_footer(&r, &out, setup, t0);
         return Ok(());
@@ -86,7 +98,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     for &seed in &a.seeds {
         let dir = format!("seed{seed}");
         println!("== seed {seed}");
-        let r = one_seed(&a, &bench, seed, &out.join(&dir), judge)?;
+        let r = one_seed(&a, &factory, &bench, seed, &out.join(&dir), judge)?;
         print_run(&r);
         results.push(r);
         runs.push(dir);
@@ -120,13 +132,14 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
 
 fn one_seed(
     a: &RunArgs,
+    factory: &MethodFactory,
     bench: &Bench,
     seed: u64,
     out: &std::path::Path,
     judge: Option<&dyn Judge>,
 ) -> Result<RunResult> {
     let cfg = run_config(a.profile, a.order, seed, a.steps);
-    let mut chain = bench.chain(&cfg, a.method)?;
+    let mut chain = bench.chain(&cfg, factory.clone())?;
     chain.progress = true;
     run(&chain, out, judge).with_context(|| format!("{} seed {seed}", a.method.id))
 }
@@ -227,4 +240,12 @@ fn print_footer(r: &RunResult, out: &std::path::Path, setup: f64, t0: std::time:
         r.trained_now.len(),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// Eight hex digits of FNV-1a: a stable short name, not a security hash.
+fn short_hash(s: &str) -> String {
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{:08x}", h >> 32)
 }

@@ -186,7 +186,7 @@ impl Bench {
     pub fn chain<'a>(
         &'a self,
         cfg: &'a RunConfig,
-        method: &cnext_harness::method::MethodEntry,
+        method: cnext_harness::method::MethodFactory,
     ) -> Result<cnext_harness::stages::Chain<'a, TinyClip>> {
         Ok(cnext_harness::stages::Chain::new(
             &self.cache,
@@ -196,7 +196,7 @@ impl Bench {
             &self.clip,
             clip_key(self.profile, self.seed)?,
             cfg,
-            method.new,
+            method,
         ))
     }
 }
