@@ -8,7 +8,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use cnext_backbones::{Backbone, Example};
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

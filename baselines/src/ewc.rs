@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Vars, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -94,7 +94,10 @@ mod tests {
     fn overrides_follow_dotted_paths_and_name_what_is_wrong() {
         use std::collections::BTreeMap;
         let set = |pairs: &[(&str, serde_json::Value)]| -> BTreeMap<String, serde_json::Value> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
         };
         let mage = find("mage").unwrap();
         let f = mage
@@ -110,7 +113,10 @@ mod tests {
             .with_overrides(&set(&[("expert", serde_json::json!(2))]))
             .err()
             .unwrap();
-        assert!(e.contains("unknown config key `expert`") && e.contains("experts"), "{e}");
+        assert!(
+            e.contains("unknown config key `expert`") && e.contains("experts"),
+            "{e}"
+        );
         let e = mage
             .with_overrides(&set(&[("experts", serde_json::json!("four"))]))
             .err()
@@ -121,7 +127,10 @@ mod tests {
             .with_overrides(&set(&[("rank", serde_json::json!(4))]))
             .err()
             .unwrap();
-        assert!(e.contains("unknown config key `rank`") && e.contains("none"), "{e}");
+        assert!(
+            e.contains("unknown config key `rank`") && e.contains("none"),
+            "{e}"
+        );
         let ewc = find("ewc").unwrap();
         let f = ewc
             .with_overrides(&set(&[("lambda", serde_json::json!(500.0))]))

@@ -2,7 +2,7 @@
 //! 2022): one adapter of rank r on q,k,v,o,gate,up,down plus the projector, trained on each
 //! task in turn with no continual-learning mechanism. The sequential lower reference.
 
-use cnext_harness::method::{Hooks, Method, MethodEntry, no_config};
+use cnext_harness::method::{no_config, Hooks, Method, MethodEntry};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "lora",

@@ -14,7 +14,7 @@ use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::{Backbone, Example};
 use cnext_core::{Modality, TaskId};
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
 use cnext_kernels::pema::{pema_update, AlphaPolicy, Mat};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,7 +23,11 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "mage",
     about: "modality-gated equal-weight LoRA experts with PEMA",
     new: || Box::new(Mage::new(ENTRY.id, MageConfig::default())),
-    configure: |v| typed(v, |c: MageConfig| Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>),
+    configure: |v| {
+        typed(v, |c: MageConfig| {
+            Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>
+        })
+    },
 };
 
 /// Which Fisher estimate PEMA uses.

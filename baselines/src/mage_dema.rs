@@ -2,7 +2,7 @@
 //! experts, modality gating, and DEMA's gradient-derived rate for the trainable experts.
 
 use crate::mage::{Averaging, Mage, MageConfig};
-use cnext_harness::method::{MethodEntry, typed, Method};
+use cnext_harness::method::{typed, Method, MethodEntry};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "mage_dema",
@@ -16,5 +16,9 @@ pub const ENTRY: MethodEntry = MethodEntry {
             },
         ))
     },
-    configure: |v| typed(v, |c: MageConfig| Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>),
+    configure: |v| {
+        typed(v, |c: MageConfig| {
+            Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>
+        })
+    },
 };

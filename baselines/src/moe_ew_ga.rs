@@ -2,7 +2,7 @@
 //! modality-based gating (only the experts of the task's modalities train), no averaging.
 
 use crate::mage::{Averaging, Mage, MageConfig};
-use cnext_harness::method::{MethodEntry, typed, Method};
+use cnext_harness::method::{typed, Method, MethodEntry};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "moe_ew_ga",
@@ -16,5 +16,9 @@ pub const ENTRY: MethodEntry = MethodEntry {
             },
         ))
     },
-    configure: |v| typed(v, |c: MageConfig| Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>),
+    configure: |v| {
+        typed(v, |c: MageConfig| {
+            Box::new(Mage::new(ENTRY.id, c)) as Box<dyn Method>
+        })
+    },
 };

@@ -5,14 +5,18 @@
 //! architecture; trained on each task in turn.
 
 use cnext_adapters::{AdapterPlan, LoraConfig};
-use cnext_harness::method::{Hooks, Method, MethodEntry, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry};
 use serde::{Deserialize, Serialize};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "moelora",
     about: "4 LoRA experts of rank r/4 with a token-level softmax router",
     new: || Box::new(MoeLora::new(MoeLoraConfig::default())),
-    configure: |v| typed(v, |c: MoeLoraConfig| Box::new(MoeLora::new(c)) as Box<dyn Method>),
+    configure: |v| {
+        typed(v, |c: MoeLoraConfig| {
+            Box::new(MoeLora::new(c)) as Box<dyn Method>
+        })
+    },
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, Ctx, LoraConfig};
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Step, Vars, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
 use cnext_kernels::linalg::sym_eigen;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

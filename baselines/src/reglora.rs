@@ -10,7 +10,7 @@
 use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{normal_values, AdapterPlan, LoraConfig};
 use cnext_backbones::{Backbone, Example};
-use cnext_harness::method::{Hooks, Method, MethodEntry, StageInfo, Vars, typed};
+use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -18,7 +18,11 @@ pub const ENTRY: MethodEntry = MethodEntry {
     id: "reglora",
     about: "merge each task's LoRA; penalise the new LoRA on earlier tasks' key elements",
     new: || Box::new(RegLora::new(RegLoraConfig::default())),
-    configure: |v| typed(v, |c: RegLoraConfig| Box::new(RegLora::new(c)) as Box<dyn Method>),
+    configure: |v| {
+        typed(v, |c: RegLoraConfig| {
+            Box::new(RegLora::new(c)) as Box<dyn Method>
+        })
+    },
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

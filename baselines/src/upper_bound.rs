@@ -1,7 +1,7 @@
 //! Multitask upper bound: one LoRA trained jointly on the union of all tasks (as many steps as
 //! the sequential stages together); one matrix row, whose Avg.ACC bounds the continual methods.
 
-use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule, no_config};
+use cnext_harness::method::{no_config, Hooks, Method, MethodEntry, Schedule};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "upper_bound",

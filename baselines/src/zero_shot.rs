@@ -2,7 +2,7 @@
 //! Every stage evaluates the same model, so its matrix rows are identical; the suite checks it.
 
 use cnext_adapters::{AdapterPlan, LoraConfig};
-use cnext_harness::method::{Hooks, Method, MethodEntry, Schedule, no_config};
+use cnext_harness::method::{no_config, Hooks, Method, MethodEntry, Schedule};
 
 pub const ENTRY: MethodEntry = MethodEntry {
     id: "zero_shot",

@@ -166,7 +166,10 @@ impl MethodEntry {
             let mut at = &mut cfg;
             for key in path.split('.') {
                 let obj = at.as_object_mut().ok_or_else(|| {
-                    format!("{}: `{path}`: `{key}` is inside a value, not a table", self.id)
+                    format!(
+                        "{}: `{path}`: `{key}` is inside a value, not a table",
+                        self.id
+                    )
                 })?;
                 let known: Vec<String> = obj.keys().cloned().collect();
                 at = obj.get_mut(key).ok_or_else(|| {

@@ -152,7 +152,9 @@ fn chain(
         return Ok(c);
     }
     let cfg: &'static _ = Box::leak(Box::new(run_config(profile, order, 0, None)));
-    let c = b.chain(cfg, method.factory()).map_err(|e| format!("{e:#}"))?;
+    let c = b
+        .chain(cfg, method.factory())
+        .map_err(|e| format!("{e:#}"))?;
     let c: &'static Chain<'static, TinyClip> = Box::leak(Box::new(c));
     m.insert(key, c);
     Ok(c)

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 /// How far (in accuracy points) a result may fall behind its snapshot.
 ///
 /// Same seed, same machine: matrices are bit-identical (measured), so the tolerance only has
-/// to absorb other machines (different float summation orders change the trajectory). That
-/// change is bounded by the seed-to-seed variation, so the tolerance is about twice the
-/// seed-to-seed standard deviation measured over seeds 0, 1, 2 (README, "Snapshots").
+/// to absorb other machines, whose float summation sends training down another trajectory,
+/// about as far as another training seed does. The mini values cover the largest drops
+/// measured across seeds and across two machines, with a margin (README, "Tolerances").
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tolerance {
     /// Cells of text tasks (accuracy in percent).
