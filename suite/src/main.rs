@@ -10,6 +10,7 @@ use cnext_datasets::evaluate::{read_predictions, score_task};
 use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use cnext_harness::device::DeviceSpec;
+use cnext_suite::seeds::opt2;
 use cnext_suite::setup::{cache_dir, ensure_clip, ensure_profile_base};
 use comfy_table::Table;
 use std::path::{Path, PathBuf};
@@ -343,10 +344,6 @@ fn check(root: &Path) -> Result<()> {
     }
     println!("{table}");
     Ok(())
-}
-
-pub(crate) fn opt2(v: Option<f64>) -> String {
-    v.map(fmt2).unwrap_or_else(|| "-".into())
 }
 
 fn metrics(path: &Path, json: bool) -> Result<()> {

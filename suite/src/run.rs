@@ -1,6 +1,5 @@
 //! `cnext run`: the main job, for one training seed or several (`--seeds 0,1,2`).
 
-use crate::opt2;
 use anyhow::{Context, Result};
 use cnext_core::metrics::ErrorType;
 use cnext_core::Order;
@@ -10,7 +9,7 @@ use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
-use cnext_suite::seeds::{fmt_stat, summarize, summary_markdown, SUMMARY_METRICS};
+use cnext_suite::seeds::{fmt_stat, opt2, summarize, summary_markdown, SUMMARY_METRICS};
 use cnext_suite::setup::{cache_dir, run_config, Bench};
 use comfy_table::Table;
 use std::collections::BTreeMap;

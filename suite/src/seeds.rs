@@ -46,7 +46,14 @@ pub struct Summary {
     pub mean_matrix: AccuracyMatrix,
 }
 
-/// The value of a summarised metric in one run.
+/// Mean and std of a value over runs; `None` if any run lacks it.
+pub fn stat_over(runs: &[RunResult], f: impl Fn(&RunResult) -> Option<f64>) -> Option<SeedStat> {
+    let values: Vec<f64> = runs.iter().map(f).collect::<Option<_>>()?;
+    let (mean, std) = mean_std(&values)?;
+    Some(SeedStat { mean, std, values })
+}
+
+/// The value of a metric in one run, by name ([`SUMMARY_METRICS`], `text_avg`, `image_avg`).
 pub fn metric_of(r: &RunResult, name: &str) -> Option<f64> {
     let m = &r.metrics;
     let e = r.errors.as_ref();
@@ -59,6 +66,8 @@ pub fn metric_of(r: &RunResult, name: &str) -> Option<f64> {
         "avg_iuf" => e.and_then(|e| e.avg_iuf),
         "avg_hal" => e.and_then(|e| e.avg_hal),
         "avg_oth" => e.and_then(|e| e.avg_oth),
+        "text_avg" => m.text_avg,
+        "image_avg" => m.image_avg,
         _ => None,
     }
 }
@@ -89,17 +98,7 @@ pub fn summarize(
     }
     let metrics = SUMMARY_METRICS
         .iter()
-        .map(|&name| {
-            let values: Option<Vec<f64>> = results.iter().map(|r| metric_of(r, name)).collect();
-            let stat = values.and_then(|v| {
-                mean_std(&v).map(|(mean, std)| SeedStat {
-                    mean,
-                    std,
-                    values: v,
-                })
-            });
-            (name.to_string(), stat)
-        })
+        .map(|&name| (name.to_string(), stat_over(results, |r| metric_of(r, name))))
         .collect();
     let rows = (0..first.matrix.num_stages())
         .map(|j| {
@@ -135,6 +134,11 @@ pub fn summarize(
         metrics,
         mean_matrix,
     })
+}
+
+/// Two decimals, or `-` when missing (never a silent 0).
+pub fn opt2(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), fmt2)
 }
 
 /// `mean ± std` with two decimals, or `-`.

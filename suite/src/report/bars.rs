@@ -3,8 +3,9 @@
 //! as CSV. A multi-seed input shows the mean over its seeds.
 
 use super::draw::{render as render_figure, text, DrawResult, Figure, FONT};
-use super::tables::{csv_line, opt2};
+use super::tables::csv_line;
 use super::Input;
+use crate::seeds::opt2;
 use anyhow::Result;
 use cnext_harness::run::RunResult;
 use plotters::coord::Shift;

@@ -2,79 +2,54 @@
 //! CSV, Markdown and a terminal table. Values have two decimals; a missing one is `-`.
 
 use super::Input;
-use crate::seeds::{fmt_stat, SeedStat};
-use cnext_core::metrics::{fmt2, mean_std};
+use crate::seeds::{fmt_stat, metric_of, opt2, stat_over};
+use cnext_core::metrics::fmt2;
 use cnext_core::transfer::{all_transfers, Transfer};
 use cnext_harness::run::RunResult;
 
-/// `fmt2`, or `-` when missing.
-pub(crate) fn opt2(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".into(), fmt2)
-}
-
-/// Mean and std of a value over runs; `None` if any run lacks it.
-pub(crate) fn stat_over(
-    runs: &[RunResult],
-    f: impl Fn(&RunResult) -> Option<f64>,
-) -> Option<SeedStat> {
-    let values: Vec<f64> = runs.iter().map(f).collect::<Option<_>>()?;
-    let (mean, std) = mean_std(&values)?;
-    Some(SeedStat { mean, std, values })
-}
-
-/// One comparison column: its header, its name in `Summary::metrics` (if summarised there),
-/// and how to read it from a run.
+/// One comparison column: its header and its metric name ([`metric_of`]; also the key in
+/// `Summary::metrics` where it is summarised there).
 struct Column {
     header: &'static str,
-    summary_key: Option<&'static str>,
-    get: fn(&RunResult) -> Option<f64>,
+    key: &'static str,
 }
 
 const COLUMNS: [Column; 9] = [
     Column {
         header: "Avg.ACC",
-        summary_key: Some("avg_acc"),
-        get: |r| r.metrics.avg_acc,
+        key: "avg_acc",
     },
     Column {
         header: "Forgetting",
-        summary_key: Some("forgetting"),
-        get: |r| r.metrics.forgetting,
+        key: "forgetting",
     },
     Column {
         header: "New.ACC",
-        summary_key: Some("new_acc"),
-        get: |r| r.metrics.new_acc,
+        key: "new_acc",
     },
     Column {
         header: "MAA",
-        summary_key: Some("maa"),
-        get: |r| r.metrics.maa,
+        key: "maa",
     },
     Column {
         header: "text avg",
-        summary_key: None,
-        get: |r| r.metrics.text_avg,
+        key: "text_avg",
     },
     Column {
         header: "image avg",
-        summary_key: None,
-        get: |r| r.metrics.image_avg,
+        key: "image_avg",
     },
     Column {
         header: "Avg.IUF",
-        summary_key: Some("avg_iuf"),
-        get: |r| r.errors.as_ref().and_then(|e| e.avg_iuf),
+        key: "avg_iuf",
     },
     Column {
         header: "Avg.HAL",
-        summary_key: Some("avg_hal"),
-        get: |r| r.errors.as_ref().and_then(|e| e.avg_hal),
+        key: "avg_hal",
     },
     Column {
         header: "Avg.OTH",
-        summary_key: Some("avg_oth"),
-        get: |r| r.errors.as_ref().and_then(|e| e.avg_oth),
+        key: "avg_oth",
     },
 ];
 
@@ -128,15 +103,13 @@ impl Comparison {
 }
 
 fn cell(input: &Input, c: &Column) -> String {
+    let get = |r: &RunResult| metric_of(r, c.key);
     match &input.summary {
-        None => opt2(input.runs.first().and_then(c.get)),
-        Some(s) => {
-            let stored = c.summary_key.and_then(|k| s.metrics.get(k));
-            match stored {
-                Some(stat) => fmt_stat(stat.as_ref()),
-                None => fmt_stat(stat_over(&input.runs, c.get).as_ref()),
-            }
-        }
+        None => opt2(input.runs.first().and_then(get)),
+        Some(s) => match s.metrics.get(c.key) {
+            Some(stat) => fmt_stat(stat.as_ref()),
+            None => fmt_stat(stat_over(&input.runs, get).as_ref()),
+        },
     }
 }
 
