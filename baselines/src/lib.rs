@@ -109,6 +109,13 @@ mod tests {
         let cfg = f().config();
         assert_eq!(cfg["averaging"]["pema"]["alpha_policy"], "faithful");
         assert_eq!(cfg["experts"], 4, "other fields keep their defaults");
+        let wanted = set(&[
+            ("averaging.pema.alpha_policy", serde_json::json!("faithful")),
+            ("averaging.pema.lambda", serde_json::json!(0.001)),
+        ]);
+        let two = mage.with_overrides(&wanted).unwrap()().config();
+        assert_eq!(mage.overrides_of(&two), wanted, "overrides_of inverts");
+        assert!(mage.overrides_of(&mage.factory()().config()).is_empty());
         let e = mage
             .with_overrides(&set(&[("expert", serde_json::json!(2))]))
             .err()

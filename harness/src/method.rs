@@ -188,6 +188,45 @@ impl MethodEntry {
         }
         (self.configure)(cfg).map_err(|e| format!("{}: {e}", self.id))
     }
+
+    /// The overrides that turn the default config into `cfg`, the inverse of
+    /// [`MethodEntry::with_overrides`]: the dotted path of every leaf of `cfg` that differs from
+    /// (or is absent in) the default. Empty for the default config (reports name runs by it).
+    pub fn overrides_of(&self, cfg: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        config_diff(&(self.new)().config(), cfg, "", &mut out);
+        out
+    }
+}
+
+/// Collects into `out` the leaves of `actual` that `default` does not have at the same path.
+fn config_diff(
+    default: &serde_json::Value,
+    actual: &serde_json::Value,
+    prefix: &str,
+    out: &mut BTreeMap<String, serde_json::Value>,
+) {
+    match (default.as_object(), actual.as_object()) {
+        (Some(d), Some(a)) => {
+            for (key, value) in a {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match d.get(key) {
+                    Some(dv) => config_diff(dv, value, &path, out),
+                    None => {
+                        out.insert(path, value.clone());
+                    }
+                }
+            }
+        }
+        _ if default != actual => {
+            out.insert(prefix.to_string(), actual.clone());
+        }
+        _ => {}
+    }
 }
 
 /// `configure` for a method with a typed config.

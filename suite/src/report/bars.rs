@@ -202,7 +202,7 @@ pub(crate) fn csv(inputs: &[Input], data: &[Decomposition]) -> String {
     ]);
     for (i, d) in inputs.iter().zip(data) {
         out.push_str(&csv_line(&[
-            i.method.clone(),
+            i.method_name(),
             i.order.to_string(),
             i.seeds_list(),
             opt2(d.avg_iuf),

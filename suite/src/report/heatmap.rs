@@ -186,7 +186,7 @@ pub(crate) fn render(input: &Input) -> Result<(Vec<u8>, String)> {
     let fig = Heatmap {
         title: format!(
             "Accuracy matrix: {} / {} / {}",
-            input.method,
+            input.method_name(),
             input.order,
             input.seeds_text()
         ),

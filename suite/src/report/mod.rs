@@ -24,6 +24,7 @@ use crate::seeds::Summary;
 use anyhow::{bail, Context, Result};
 use cnext_core::{AccuracyMatrix, Order};
 use cnext_harness::run::RunResult;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use tables::Comparison;
@@ -42,8 +43,11 @@ pub struct Input {
     pub runs: Vec<RunResult>,
     /// Present for a multi-seed folder.
     pub summary: Option<Summary>,
-    /// A name unique within the report (file names, legends): the method id, extended by the
-    /// order and seeds when two inputs share it. Set by [`load_inputs`].
+    /// How the run's method config differs from the registered default (`--set` overrides),
+    /// as dotted paths; empty for the default or an unregistered method.
+    pub overrides: BTreeMap<String, serde_json::Value>,
+    /// A name unique within the report (file names, legends): the method id with its overrides,
+    /// extended by the order and seeds when two inputs share it. Set by [`load_inputs`].
     pub label: String,
 }
 
@@ -82,6 +86,7 @@ impl Input {
                 order: r.config.order,
                 seeds: vec![r.config.seed],
                 matrix: r.matrix.clone(),
+                overrides: overrides_of(&r),
                 runs: vec![r],
                 summary: None,
                 label: String::new(),
@@ -123,6 +128,7 @@ impl Input {
             order: s.order,
             seeds: s.seeds.clone(),
             matrix: s.mean_matrix.clone(),
+            overrides: overrides_of(&runs[0]),
             runs,
             summary: Some(s),
             label: String::new(),
@@ -146,11 +152,38 @@ impl Input {
         }
     }
 
+    /// The method id, followed by the leaf key and value of each override:
+    /// `mage[alpha_policy=faithful]` (tables, labels).
+    pub fn method_name(&self) -> String {
+        if self.overrides.is_empty() {
+            return self.method.clone();
+        }
+        let set: Vec<String> = self
+            .overrides
+            .iter()
+            .map(|(path, v)| {
+                let key = path.rsplit('.').next().unwrap_or(path);
+                match v.as_str() {
+                    Some(s) => format!("{key}={s}"),
+                    None => format!("{key}={v}"),
+                }
+            })
+            .collect();
+        format!("{}[{}]", self.method, set.join(","))
+    }
+
     /// `0` or `0,1,2`.
     pub fn seeds_list(&self) -> String {
         let s: Vec<String> = self.seeds.iter().map(u64::to_string).collect();
         s.join(",")
     }
+}
+
+/// The run's `--set` overrides, recovered from its stored method config.
+fn overrides_of(r: &RunResult) -> BTreeMap<String, serde_json::Value> {
+    cnext_baselines::find(&r.method)
+        .map(|e| e.overrides_of(&r.method_config))
+        .unwrap_or_default()
 }
 
 /// Reads and parses a JSON file; errors name the file.
@@ -170,12 +203,12 @@ pub fn load_inputs(dirs: &[PathBuf]) -> Result<Vec<Input>> {
         .map(|d| Input::load(d))
         .collect::<Result<Vec<_>>>()?;
     let names: [fn(&Input) -> String; 3] = [
-        |i| i.method.clone(),
-        |i| format!("{}-{}", i.method, i.order),
+        |i| i.method_name(),
+        |i| format!("{}-{}", i.method_name(), i.order),
         |i| {
             format!(
                 "{}-{}-seed{}",
-                i.method,
+                i.method_name(),
                 i.order,
                 i.seeds_list().replace(',', "_")
             )

@@ -68,7 +68,7 @@ impl Comparison {
             .iter()
             .map(|input| {
                 let mut row = vec![
-                    input.method.clone(),
+                    input.method_name(),
                     input.order.to_string(),
                     input.seeds_list(),
                 ];
@@ -174,7 +174,7 @@ pub(crate) fn transfer(inputs: &[Input]) -> (String, String) {
         let rows: Vec<Vec<String>> = transfers(input).iter().map(transfer_row).collect();
         for r in &rows {
             let mut line = vec![
-                input.method.clone(),
+                input.method_name(),
                 input.order.to_string(),
                 input.seeds_list(),
             ];
@@ -183,7 +183,7 @@ pub(crate) fn transfer(inputs: &[Input]) -> (String, String) {
         }
         md.push_str(&format!(
             "\n## {} / {} / {}\n\n",
-            input.method,
+            input.method_name(),
             input.order,
             input.seeds_text()
         ));

@@ -208,6 +208,29 @@ fn inputs_sharing_a_method_get_distinct_names() {
 }
 
 #[test]
+fn runs_with_set_overrides_are_named_by_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mage = cnext_baselines::find("mage").unwrap();
+    let mut default = run_result("mage", 0, sequential(&LORA, 0.0), true);
+    default.method_config = mage.factory()().config();
+    let mut faithful = default.clone();
+    let set = [(
+        "averaging.pema.alpha_policy".to_string(),
+        serde_json::json!("faithful"),
+    )];
+    faithful.method_config = mage.with_overrides(&set.into_iter().collect()).unwrap()().config();
+    let a = write_run(&tmp.path().join("a"), &default);
+    let b = write_run(&tmp.path().join("b"), &faithful);
+    let inputs = load_inputs(&[a, b]).unwrap();
+    let labels: Vec<&str> = inputs.iter().map(|i| i.label.as_str()).collect();
+    assert_eq!(labels, ["mage", "mage[alpha_policy=faithful]"]);
+    let out = tmp.path().join("report");
+    write_report(&inputs, &out).unwrap();
+    assert_png(&out.join("heatmap-mage_alpha_policy_faithful_.png"));
+    assert!(read(&out.join("comparison.md")).contains("mage[alpha_policy=faithful]"));
+}
+
+#[test]
 fn bad_inputs_are_errors_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("report");
