@@ -150,24 +150,22 @@ pub fn fmt_stat(s: Option<&SeedStat>) -> String {
 
 /// The Table 6 layout as Markdown: one row, a column per metric.
 pub fn summary_markdown(s: &Summary) -> String {
-    let mut out = format!(
-        "# {} / {} / {} / seeds {:?}\n\n| method |",
-        s.method, s.order, s.profile, s.seeds
+    let mut header = vec!["method"];
+    header.extend(SUMMARY_METRICS);
+    let mut row = vec![s.method.clone()];
+    row.extend(
+        SUMMARY_METRICS
+            .iter()
+            .map(|m| fmt_stat(s.metrics.get(*m).and_then(|v| v.as_ref()))),
     );
-    for m in SUMMARY_METRICS {
-        out.push_str(&format!(" {m} |"));
-    }
-    out.push_str("\n|---|");
-    out.push_str(&"---|".repeat(SUMMARY_METRICS.len()));
-    out.push_str(&format!("\n| {} |", s.method));
-    for m in SUMMARY_METRICS {
-        out.push_str(&format!(
-            " {} |",
-            fmt_stat(s.metrics.get(m).and_then(|v| v.as_ref()))
-        ));
-    }
-    out.push('\n');
-    out
+    format!(
+        "# {} / {} / {} / seeds {:?}\n\n{}",
+        s.method,
+        s.order,
+        s.profile,
+        s.seeds,
+        crate::report::markdown_table(&header, &[row])
+    )
 }
 
 #[cfg(test)]

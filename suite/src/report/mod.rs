@@ -27,6 +27,7 @@ use cnext_harness::run::RunResult;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub(crate) use tables::markdown_table;
 pub use tables::Comparison;
 
 /// One input of a report: a single run, or the runs of a multi-seed folder.
