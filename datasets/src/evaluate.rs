@@ -43,7 +43,8 @@ pub enum EvalError {
     Target {
         task: String,
         question_id: QuestionId,
-        source: DataError,
+        // Boxed: keeps every `Result<_, EvalError>` small (clippy::result_large_err).
+        source: Box<DataError>,
     },
 }
 
@@ -239,7 +240,7 @@ fn score_sample<C: ClipModel<Image = RgbImage>>(
             let target = load_image(target).map_err(|source| EvalError::Target {
                 task: spec.id.to_string(),
                 question_id: p.record.question_id.clone(),
-                source,
+                source: Box::new(source),
             })?;
             clip_i(m, Some(&img), &target).map_err(|e| clip_err(&e))?
         }
