@@ -6,13 +6,15 @@
 //! - `curves.png|svg`: Avg.ACC and Forgetting after each stage, all inputs together;
 //! - `comparison.csv|md`: one row of metrics per input (also printed as a terminal table);
 //! - `decomposition.png|svg|csv`: Avg.IUF / Avg.HAL / Avg.OTH next to the text forgetting;
-//! - `transfer.csv|md`: the knowledge-transfer table (the paper's Table 3).
+//! - `transfer.csv|md`: the knowledge-transfer table (the paper's Table 3);
+//! - `diagnostics.csv|md`: what each method reports after each stage (e.g. PEMA's fallbacks).
 //!
 //! A multi-seed input shows its cell-wise mean matrix, `mean ± std` metrics, and the mean of the
 //! per-seed error-type averages.
 
 mod bars;
 mod curves;
+mod diagnostics;
 mod draw;
 mod heatmap;
 mod tables;
@@ -325,6 +327,9 @@ pub fn write_report(inputs: &[Input], out: &Path) -> Result<ReportFiles> {
     let (csv, md) = tables::transfer(inputs);
     put("transfer.csv".into(), csv.as_bytes())?;
     put("transfer.md".into(), md.as_bytes())?;
+    let (csv, md) = diagnostics::diagnostics(inputs);
+    put("diagnostics.csv".into(), csv.as_bytes())?;
+    put("diagnostics.md".into(), md.as_bytes())?;
     Ok(ReportFiles {
         out: out.to_path_buf(),
         files,

@@ -105,7 +105,15 @@ pub(super) fn write_seeds(dir: &Path) -> PathBuf {
     let runs: Vec<String> = seeds.iter().map(|s| format!("seed{s}")).collect();
     let results: Vec<RunResult> = seeds
         .iter()
-        .map(|&s| run_result("mage", s, sequential(&MAGE, s as f64 * 0.75 - 0.5), true))
+        .map(|&s| {
+            let mut r = run_result("mage", s, sequential(&MAGE, s as f64 * 0.75 - 0.5), true);
+            // PEMA-like diagnostics: the fallback share falls by 0.001 per seed.
+            for d in &mut r.diagnostics {
+                d.insert("pema_alpha_fallback".into(), 1.0 - 0.001 * s as f64);
+                d.insert("pema_star_non_finite".into(), 0.0);
+            }
+            r
+        })
         .collect();
     for (sub, r) in runs.iter().zip(&results) {
         write_run(&dir.join(sub), r);

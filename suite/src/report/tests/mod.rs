@@ -66,7 +66,7 @@ fn two_runs_write_every_file() {
         &out.join("decomposition.svg"),
         &["lora", "Avg.IUF", "text forgetting"],
     );
-    assert_eq!(files.files.len(), 13);
+    assert_eq!(files.files.len(), 15);
     assert!(files.files.iter().all(|f| f.is_file()));
     // No temp files left behind.
     let left: Vec<_> = std::fs::read_dir(&out)
@@ -172,6 +172,29 @@ fn multi_seed_folder_reports_mean_and_std() {
         &out.join("heatmap-mage.svg"),
         &["mage / default_order / mean of seeds 0,1,2"],
     );
+    // Diagnostics: mean ± std over seeds per stage, four decimals; none for lora.
+    let md = read(&out.join("diagnostics.md"));
+    assert!(
+        md.contains("| stage | task | pema_alpha_fallback | pema_star_non_finite |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 1 | vqav2 | 0.9990 ± 0.0010 | 0.0000 ± 0.0000 |"),
+        "{md}"
+    );
+    assert!(md.contains("| 6 | hqedit | 0.9990 ± 0.0010 |"), "{md}");
+    assert!(
+        md.contains("No diagnostics: the method reports none."),
+        "{md}"
+    );
+    let csv = read(&out.join("diagnostics.csv"));
+    assert!(
+        csv.contains(
+            "mage,default_order,\"0,1,2\",3,flickr30k,pema_alpha_fallback,0.9990,0.0010\n"
+        ),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 1 + 6 * 2, "{csv}");
     assert_eq!(default_name(&inputs), "mage");
     assert_eq!(
         super::default_name(
