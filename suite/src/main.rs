@@ -69,6 +69,8 @@ enum Cmd {
         /// Run folder (default target/cnext/runs/<method>-<order>-<profile>-seed<seed>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Cache folder: data, base, scorer and trained stages (default `CNEXT_CACHE_DIR`, else
+        /// target/cnext).
         #[arg(long)]
         cache: Option<PathBuf>,
         /// Where the backbone trains: cpu, cuda or cuda:N (CUDA needs `--features cuda`).
