@@ -133,6 +133,7 @@ fn pre(cache: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .filter(|e| matches!(e.target, Target::Text(_)))
         .collect();
+    let mut glyphs: Option<(usize, usize)> = None;
     for chunk in text.chunks(64) {
         let prompts: Vec<_> = chunk.iter().map(|e| e.prompt.clone()).collect();
         let out = model.generate(&prompts, OutputKind::Text, 40)?;
@@ -152,6 +153,17 @@ fn pre(cache: &std::path::Path) -> anyhow::Result<()> {
             let (Target::Text(t), Output::Text(o)) = (&e.target, o) else {
                 continue;
             };
+            if key.starts_with("Spell") {
+                // Per-glyph reading: position-wise matches of the spelled letters.
+                let (w, g): (Vec<char>, Vec<char>) = (
+                    t.chars().filter(|c| c.is_alphanumeric()).collect(),
+                    o.chars().filter(|c| c.is_alphanumeric()).collect(),
+                );
+                let hit = w.iter().zip(&g).filter(|(a, b)| a == b).count();
+                let ent = glyphs.get_or_insert((0, 0));
+                ent.0 += hit;
+                ent.1 += w.len();
+            }
             let ent = by.entry(key).or_default();
             ent.1 += 1;
             if o.trim() == t.trim() {
@@ -160,6 +172,9 @@ fn pre(cache: &std::path::Path) -> anyhow::Result<()> {
                 ent.2.push(format!("{:?} want {:?}", o, t));
             }
         }
+    }
+    if let Some((hit, n)) = glyphs {
+        println!("glyphs read in place: {hit}/{n}");
     }
     for (k, (ok, n, bad)) in by {
         println!("{k}: {ok}/{n}");
