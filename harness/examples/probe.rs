@@ -1,5 +1,6 @@
 //! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
 //! usage: probe <cache> <task> <steps> <lr> [rank]
+//!        probe <cache> pre [pretrain_steps pretrain_lr]   (base skills; other values build a new base)
 use candle_core::Device;
 use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::nano::backbone::NanoBackbone;
@@ -18,7 +19,13 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let cache = PathBuf::from(&a[1]);
     if a[2] == "pre" {
-        return pre(&cache);
+        let mut cfg = BaseConfig::mini(0);
+        if let (Some(steps), Some(lr)) = (a.get(3), a.get(4)) {
+            cfg.pretrain.steps = steps.parse()?;
+            cfg.pretrain.optim.lr = lr.parse()?;
+            cfg.examples = cfg.examples.max(cfg.pretrain.steps * 16);
+        }
+        return pre(&cache, &cfg);
     }
     let task: TaskId = a[2].parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let steps: usize = a[3].parse()?;
@@ -114,10 +121,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pre(cache: &std::path::Path) -> anyhow::Result<()> {
+fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
     use cnext_backbones::{Backbone, Output, OutputKind, Target};
     let root = cache.join("data/mini-seed0");
-    let base = ensure_base(cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
+    let base = ensure_base(cache, &root, cfg, &Device::Cpu, true)?;
     let model = NanoBackbone::from_base(
         &base.cfg,
         &base.weights,
