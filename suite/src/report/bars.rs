@@ -201,16 +201,15 @@ pub(crate) fn csv(inputs: &[Input], data: &[Decomposition]) -> String {
         "text forgetting",
     ]);
     for (i, d) in inputs.iter().zip(data) {
-        out.push_str(&csv_line(&[
-            i.method_name(),
-            i.order.to_string(),
-            i.seeds_list(),
+        let mut line = i.id_cells();
+        line.extend([
             opt2(d.avg_iuf),
             opt2(d.avg_hal),
             opt2(d.avg_oth),
             opt2(d.sum()),
             opt2(d.text_forgetting),
-        ]));
+        ]);
+        out.push_str(&csv_line(&line));
     }
     out
 }

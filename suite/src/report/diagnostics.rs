@@ -90,12 +90,7 @@ pub(crate) fn diagnostics(inputs: &[Input]) -> (String, String) {
     for input in inputs {
         let keys = keys(input);
         let multi = input.summary.is_some();
-        md.push_str(&format!(
-            "\n## {} / {} / {}\n\n",
-            input.method_name(),
-            input.order,
-            input.seeds_text()
-        ));
+        md.push_str(&format!("\n## {}\n\n", input.title()));
         if keys.is_empty() {
             md.push_str("No diagnostics: the method reports none.\n");
             continue;
@@ -108,16 +103,15 @@ pub(crate) fn diagnostics(inputs: &[Input]) -> (String, String) {
             for (key, values) in keys.iter().zip(&row.values) {
                 let (shown, mean, std) = fmt_values(values.as_deref(), multi);
                 cells.push(shown);
-                csv.push_str(&csv_line(&[
-                    input.method_name(),
-                    input.order.to_string(),
-                    input.seeds_list(),
+                let mut line = input.id_cells();
+                line.extend([
                     row.stage.to_string(),
                     row.task.clone(),
                     key.clone(),
                     mean,
                     std,
-                ]));
+                ]);
+                csv.push_str(&csv_line(&line));
             }
             table.push(cells);
         }

@@ -184,12 +184,7 @@ impl Heatmap<'_> {
 /// The heatmap of one input as PNG bytes and SVG text.
 pub(crate) fn render(input: &Input) -> Result<(Vec<u8>, String)> {
     let fig = Heatmap {
-        title: format!(
-            "Accuracy matrix: {} / {} / {}",
-            input.method_name(),
-            input.order,
-            input.seeds_text()
-        ),
+        title: format!("Accuracy matrix: {}", input.title()),
         matrix: &input.matrix,
     };
     render_figure(&fig, &format!("heatmap of {}", input.dir.display()))

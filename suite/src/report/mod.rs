@@ -175,6 +175,25 @@ impl Input {
         format!("{}[{}]", self.method, set.join(","))
     }
 
+    /// `mage / default_order / mean of seeds 0,1,2` (titles, section headings).
+    pub fn title(&self) -> String {
+        format!(
+            "{} / {} / {}",
+            self.method_name(),
+            self.order,
+            self.seeds_text()
+        )
+    }
+
+    /// The method, order and seeds cells that start each CSV row.
+    pub fn id_cells(&self) -> Vec<String> {
+        vec![
+            self.method_name(),
+            self.order.to_string(),
+            self.seeds_list(),
+        ]
+    }
+
     /// `0` or `0,1,2`.
     pub fn seeds_list(&self) -> String {
         let s: Vec<String> = self.seeds.iter().map(u64::to_string).collect();

@@ -67,11 +67,7 @@ impl Comparison {
         let rows = inputs
             .iter()
             .map(|input| {
-                let mut row = vec![
-                    input.method_name(),
-                    input.order.to_string(),
-                    input.seeds_list(),
-                ];
+                let mut row = input.id_cells();
                 row.extend(COLUMNS.iter().map(|c| cell(input, c)));
                 row
             })
@@ -173,20 +169,11 @@ pub(crate) fn transfer(inputs: &[Input]) -> (String, String) {
     for input in inputs {
         let rows: Vec<Vec<String>> = transfers(input).iter().map(transfer_row).collect();
         for r in &rows {
-            let mut line = vec![
-                input.method_name(),
-                input.order.to_string(),
-                input.seeds_list(),
-            ];
+            let mut line = input.id_cells();
             line.extend(r.iter().cloned());
             csv.push_str(&csv_line(&line));
         }
-        md.push_str(&format!(
-            "\n## {} / {} / {}\n\n",
-            input.method_name(),
-            input.order,
-            input.seeds_text()
-        ));
+        md.push_str(&format!("\n## {}\n\n", input.title()));
         if rows.is_empty() {
             md.push_str(if input.matrix.is_joint() {
                 "No transfer: a joint run has no stages.\n"
