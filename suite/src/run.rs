@@ -9,7 +9,7 @@ use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
-use cnext_suite::seeds::{fmt_stat, opt2, summarize, summary_markdown, SUMMARY_METRICS};
+use cnext_suite::seeds::{opt2, summarize, summary_markdown, summary_table};
 use cnext_suite::setup::{cache_dir, run_config, Bench};
 use comfy_table::Table;
 use std::collections::BTreeMap;
@@ -109,16 +109,9 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         serde_json::to_string_pretty(&s)?.as_bytes(),
     )?;
     write_atomic(&out.join("summary.md"), summary_markdown(&s).as_bytes())?;
+    let (header, row) = summary_table(&s);
     let mut t = Table::new();
-    let mut header = vec!["method".to_string()];
-    header.extend(SUMMARY_METRICS.iter().map(|m| m.to_string()));
     t.set_header(header);
-    let mut row = vec![s.method.clone()];
-    row.extend(
-        SUMMARY_METRICS
-            .iter()
-            .map(|m| fmt_stat(s.metrics.get(*m).and_then(|v| v.as_ref()))),
-    );
     t.add_row(row);
     println!("mean ± std over seeds {seeds_name}\n{t}");
     println!(

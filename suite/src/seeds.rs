@@ -148,16 +148,23 @@ pub fn fmt_stat(s: Option<&SeedStat>) -> String {
     })
 }
 
-/// The Table 6 layout as Markdown: one row, a column per metric.
-pub fn summary_markdown(s: &Summary) -> String {
-    let mut header = vec!["method"];
-    header.extend(SUMMARY_METRICS);
+/// The Table 6 layout: the header (`method`, then each of [`SUMMARY_METRICS`]) and the one row
+/// of `mean ± std` cells (Markdown here, the terminal table in `cnext run`).
+pub fn summary_table(s: &Summary) -> (Vec<String>, Vec<String>) {
+    let mut header = vec!["method".to_string()];
+    header.extend(SUMMARY_METRICS.iter().map(|m| m.to_string()));
     let mut row = vec![s.method.clone()];
     row.extend(
         SUMMARY_METRICS
             .iter()
             .map(|m| fmt_stat(s.metrics.get(*m).and_then(|v| v.as_ref()))),
     );
+    (header, row)
+}
+
+/// The Table 6 layout as Markdown: one row, a column per metric.
+pub fn summary_markdown(s: &Summary) -> String {
+    let (header, row) = summary_table(s);
     format!(
         "# {} / {} / {} / seeds {:?}\n\n{}",
         s.method,
