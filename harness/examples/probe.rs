@@ -1,5 +1,5 @@
 //! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
-//! usage: probe <cache> <task> <steps> <lr> [rank]
+//! usage: probe <cache> <task> <steps> <lr> [rank] [batch]
 //!        probe <cache> pre [pretrain_steps pretrain_lr]   (base skills; other values build a new base)
 use candle_core::Device;
 use cnext_adapters::{AdapterPlan, LoraConfig};
@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = a[3].parse()?;
     let lr: f64 = a[4].parse()?;
     let rank: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8);
+    let batch: usize = a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let root = cache.join("data/mini-seed0");
     let base = ensure_base(&cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
     let clipdir = std::fs::read_dir(cache.join("clip"))?
@@ -63,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     if steps > 0 {
         let tc = TrainConfig {
             steps,
-            batch_size: 32,
+            batch_size: batch,
             optim: AdamWConfig {
                 lr,
                 ..Default::default()

@@ -63,9 +63,12 @@ enum Cmd {
         /// training seed, so all seeds are scored alike).
         #[arg(long, default_value_t = 0)]
         data_seed: u64,
-        /// Training steps per stage (default: 300 mini, 20 smoke).
+        /// Training steps per stage (default: 600 mini, 20 smoke).
         #[arg(long)]
         steps: Option<usize>,
+        /// Peak learning rate of each stage (default: the profile's).
+        #[arg(long)]
+        lr: Option<f64>,
         /// Run folder (default target/cnext/runs/<method>-<order>-<profile>-seed<seed>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -260,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
             seeds,
             data_seed,
             steps,
+            lr,
             out,
             cache,
             device,
@@ -273,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             seeds: if seeds.is_empty() { vec![seed] } else { seeds },
             data_seed,
             steps,
+            lr,
             out,
             cache,
             device,

@@ -26,6 +26,7 @@ pub(crate) struct RunArgs {
     /// is scored by the same scorer on the same data).
     pub data_seed: u64,
     pub steps: Option<usize>,
+    pub lr: Option<f64>,
     pub out: Option<PathBuf>,
     pub cache: Option<PathBuf>,
     pub device: DeviceSpec,
@@ -53,16 +54,23 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         None => None,
     };
     let judge = judge.as_ref().map(|j| j as &dyn Judge);
-    // A changed config gets its own run folder, named by a hash of the overrides.
+    if let Some(lr) = a.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            anyhow::bail!("--lr must be a positive number, got {lr}");
+        }
+    }
+    // A changed config or training setting gets its own run folder, named by what changed.
     let data = if a.overrides.is_empty() {
         String::new()
     } else {
         format!("-cfg{}", short_hash(&serde_json::to_string(&a.overrides)?))
-    } + &if a.data_seed == 0 {
-        String::new()
-    } else {
-        format!("-data{}", a.data_seed)
-    };
+    } + &a.steps.map_or(String::new(), |s| format!("-steps{s}"))
+        + &a.lr.map_or(String::new(), |lr| format!("-lr{lr}"))
+        + &if a.data_seed == 0 {
+            String::new()
+        } else {
+            format!("-data{}", a.data_seed)
+        };
     let seeds_name = a
         .seeds
         .iter()
@@ -130,7 +138,10 @@ fn one_seed(
     out: &std::path::Path,
     judge: Option<&dyn Judge>,
 ) -> Result<RunResult> {
-    let cfg = run_config(a.profile, a.order, seed, a.steps);
+    let mut cfg = run_config(a.profile, a.order, seed, a.steps);
+    if let Some(lr) = a.lr {
+        cfg.stage.optim.lr = lr;
+    }
     let mut chain = bench.chain(&cfg, factory.clone())?;
     chain.progress = true;
     run(&chain, out, judge).with_context(|| format!("{} seed {seed}", a.method.id))

@@ -141,13 +141,23 @@ pub fn run_config(
     seed: u64,
     steps: Option<usize>,
 ) -> RunConfig {
-    let steps = steps.unwrap_or(match profile {
-        DataProfile::Mini => 300,
-        DataProfile::Smoke => 20,
-    });
-    let mut cfg = RunConfig::new(order, seed, steps);
-    if profile == DataProfile::Smoke {
-        cfg.stage.batch_size = 8;
+    let mut cfg = RunConfig::new(order, seed, 0);
+    match profile {
+        // Measured per task from the base (LoRA r = 8): at the old 300 steps x 32 and lr 2e-3
+        // the stages underfit (New.ACC 45); twice the updates on half the batch, at lr 6e-3,
+        // cost the same time and learn far more (imagenet 38.5 -> 96.5, hqedit 47.7 -> 75.6).
+        DataProfile::Mini => {
+            cfg.stage.steps = 600;
+            cfg.stage.batch_size = 16;
+            cfg.stage.optim.lr = 6e-3;
+        }
+        DataProfile::Smoke => {
+            cfg.stage.steps = 20;
+            cfg.stage.batch_size = 8;
+        }
+    }
+    if let Some(s) = steps {
+        cfg.stage.steps = s;
     }
     cfg
 }

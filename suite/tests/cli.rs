@@ -521,3 +521,47 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
         assert_eq!(rows[j][..j], rows[j - 1][..j]);
     }
 }
+
+#[test]
+fn run_lr_and_steps_overrides_reach_the_stage_and_name_the_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let bad = cnext(&[
+        "run",
+        "--method",
+        "lora",
+        "--profile",
+        "smoke",
+        "--lr",
+        "0",
+        "--cache",
+        c,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--lr must be a positive number, got 0"),
+        "{}",
+        stderr(&bad)
+    );
+    let o = cnext(&[
+        "run",
+        "--method",
+        "lora",
+        "--profile",
+        "smoke",
+        "--steps",
+        "2",
+        "--lr",
+        "0.01",
+        "--cache",
+        c,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A run with other training settings never overwrites the default run's folder.
+    let dir = cache.join("runs/lora-default_order-smoke-steps2-lr0.01-seed0");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["config"]["stage"]["optim"]["lr"], serde_json::json!(0.01));
+    assert_eq!(r["config"]["stage"]["steps"], serde_json::json!(2));
+}
