@@ -43,6 +43,11 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     if sorted.len() != a.seeds.len() || a.seeds.is_empty() {
         anyhow::bail!("--seeds must list distinct seeds, got {:?}", a.seeds);
     }
+    if let Some(lr) = a.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            anyhow::bail!("--lr must be a positive number, got {lr}");
+        }
+    }
     let factory = a
         .method
         .with_overrides(&a.overrides)
@@ -54,11 +59,6 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         None => None,
     };
     let judge = judge.as_ref().map(|j| j as &dyn Judge);
-    if let Some(lr) = a.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            anyhow::bail!("--lr must be a positive number, got {lr}");
-        }
-    }
     // A changed config or training setting gets its own run folder, named by what changed.
     let data = if a.overrides.is_empty() {
         String::new()

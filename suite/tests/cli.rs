@@ -544,6 +544,8 @@ fn run_lr_and_steps_overrides_reach_the_stage_and_name_the_run_folder() {
         "{}",
         stderr(&bad)
     );
+    // Refused before any data, base or scorer is built.
+    assert!(!cache.exists());
     let o = cnext(&[
         "run",
         "--method",
