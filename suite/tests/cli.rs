@@ -202,22 +202,26 @@ fn score_grounding_with_box_iou() {
     assert_eq!(v["format_errors"], 4);
 }
 
+/// Runs `cnext` and checks that it fails with `msg` on stderr.
+fn refused(args: &[&str], msg: &str) {
+    let o = cnext(args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(msg), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_arguments_fail_cleanly() {
-    let o = cnext(&[
-        "score",
-        "--task",
-        "coco",
-        "--annotations",
-        "a",
-        "--predictions",
-        "b",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("unknown task id `coco`"),
-        "{}",
-        stderr(&o)
+    refused(
+        &[
+            "score",
+            "--task",
+            "coco",
+            "--annotations",
+            "a",
+            "--predictions",
+            "b",
+        ],
+        "unknown task id `coco`",
     );
     let o = cnext(&["metrics", "--matrix", "/nonexistent/m.csv"]);
     assert!(!o.status.success());
@@ -527,22 +531,19 @@ fn run_lr_and_steps_overrides_reach_the_stage_and_name_the_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let c = cache.to_str().unwrap();
-    let bad = cnext(&[
-        "run",
-        "--method",
-        "lora",
-        "--profile",
-        "smoke",
-        "--lr",
-        "0",
-        "--cache",
-        c,
-    ]);
-    assert!(!bad.status.success());
-    assert!(
-        stderr(&bad).contains("--lr must be a positive number, got 0"),
-        "{}",
-        stderr(&bad)
+    refused(
+        &[
+            "run",
+            "--method",
+            "lora",
+            "--profile",
+            "smoke",
+            "--lr",
+            "0",
+            "--cache",
+            c,
+        ],
+        "--lr must be a positive number, got 0",
     );
     // Refused before any data, base or scorer is built.
     assert!(!cache.exists());
