@@ -126,7 +126,8 @@ pub fn step(
         cnext_suite::setup::Bench::open(profile, 0, cache, cnext_harness::device::DeviceSpec::Cpu)?;
     let data = cnext_datasets::loader::load_task(&bench.data_root, task)?;
     let examples = cnext_harness::tasks::train_examples(&data)?;
-    let cfg = cnext_suite::setup::run_config(profile, cnext_core::Order::DefaultOrder, 0, None);
+    let cfg =
+        cnext_suite::setup::run_config(profile, cnext_core::Order::DefaultOrder, 0, None, None);
     let lora = LoraConfig::default();
     let plans = [
         ("lora r=8", AdapterPlan::lora(lora.clone(), 0)),

@@ -151,7 +151,7 @@ fn chain(
     if let Some(c) = m.get(&key) {
         return Ok(c);
     }
-    let cfg: &'static _ = Box::leak(Box::new(run_config(profile, order, 0, None)));
+    let cfg: &'static _ = Box::leak(Box::new(run_config(profile, order, 0, None, None)));
     let c = b
         .chain(cfg, method.factory())
         .map_err(|e| format!("{e:#}"))?;

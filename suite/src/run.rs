@@ -60,7 +60,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     };
     let judge = judge.as_ref().map(|j| j as &dyn Judge);
     // A changed config or training setting gets its own run folder, named by what changed.
-    let data = if a.overrides.is_empty() {
+    let suffix = if a.overrides.is_empty() {
         String::new()
     } else {
         format!("-cfg{}", short_hash(&serde_json::to_string(&a.overrides)?))
@@ -79,7 +79,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .join(",");
     let name = |s: &str| {
         format!(
-            "{}-{}-{}{data}-seed{s}",
+            "{}-{}-{}{suffix}-seed{s}",
             a.method.id,
             a.order,
             a.profile.as_str()
@@ -138,10 +138,7 @@ fn one_seed(
     out: &std::path::Path,
     judge: Option<&dyn Judge>,
 ) -> Result<RunResult> {
-    let mut cfg = run_config(a.profile, a.order, seed, a.steps);
-    if let Some(lr) = a.lr {
-        cfg.stage.optim.lr = lr;
-    }
+    let cfg = run_config(a.profile, a.order, seed, a.steps, a.lr);
     let mut chain = bench.chain(&cfg, factory.clone())?;
     chain.progress = true;
     run(&chain, out, judge).with_context(|| format!("{} seed {seed}", a.method.id))

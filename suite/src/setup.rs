@@ -134,12 +134,14 @@ pub fn ensure_clip(cache: &Path, profile: DataProfile, seed: u64) -> Result<Tiny
     Ok(m)
 }
 
-/// The run settings of a profile (`steps` overrides the per-stage steps).
+/// The run settings of a profile (`steps` and `lr` override the per-stage steps and peak
+/// learning rate).
 pub fn run_config(
     profile: DataProfile,
     order: Order,
     seed: u64,
     steps: Option<usize>,
+    lr: Option<f64>,
 ) -> RunConfig {
     let mut cfg = RunConfig::new(order, seed, 0);
     match profile {
@@ -158,6 +160,9 @@ pub fn run_config(
     }
     if let Some(s) = steps {
         cfg.stage.steps = s;
+    }
+    if let Some(lr) = lr {
+        cfg.stage.optim.lr = lr;
     }
     cfg
 }
