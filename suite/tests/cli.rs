@@ -223,9 +223,10 @@ fn bad_arguments_fail_cleanly() {
         ],
         "unknown task id `coco`",
     );
-    let o = cnext(&["metrics", "--matrix", "/nonexistent/m.csv"]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("/nonexistent/m.csv"));
+    refused(
+        &["metrics", "--matrix", "/nonexistent/m.csv"],
+        "/nonexistent/m.csv",
+    );
 }
 
 /// On a real run's output: every wrong text answer has exactly one error type, so in each text
