@@ -1,6 +1,11 @@
 //! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
-//! usage: probe <cache> <task> <steps> <lr> [rank] [batch]
+//! usage: probe <cache> <task> <steps> <lr> [rank|full] [batch]
 //!        probe <cache> pre [pretrain_steps pretrain_lr]   (base skills; other values build a new base)
+//! `full` fine-tunes every base weight instead of a LoRA (a ceiling, not a method);
+//! PROBE_ONLY=a,b (with `full`) trains only weights whose names contain a or b, and
+//! PROBE_FREEZE=a,b keeps those out of the optimizer. Prints the score per question template.
+//! With `pre`, PROBE_SUBST=a=b and PROBE_SUFFIX=text rephrase every prompt (do the base's
+//! skills survive another wording?).
 use candle_core::Device;
 use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::nano::backbone::NanoBackbone;
@@ -30,7 +35,13 @@ fn main() -> anyhow::Result<()> {
     let task: TaskId = a[2].parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let steps: usize = a[3].parse()?;
     let lr: f64 = a[4].parse()?;
-    let rank: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8);
+    // "full" instead of a rank: every base weight trains (a diagnostic, not a method).
+    let full = a.get(5).is_some_and(|s| s == "full");
+    let rank: usize = if full {
+        8
+    } else {
+        a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8)
+    };
     let batch: usize = a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let root = cache.join("data/mini-seed0");
     let base = ensure_base(&cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
@@ -52,15 +63,40 @@ fn main() -> anyhow::Result<()> {
     } else {
         AdapterPlan::lora(lora, 0)
     };
-    let model = NanoBackbone::from_base(
-        &base.cfg,
-        &base.weights,
-        base.tokenizer.clone(),
-        base.codebook.clone(),
-        plan,
-        &Device::Cpu,
-    )?;
-    let vars = cnext_backbones::Backbone::trainable(&model);
+    let model = if full {
+        let m = NanoBackbone::init_pretrain(
+            &base.cfg,
+            base.tokenizer.clone(),
+            base.codebook.clone(),
+            0,
+            &Device::Cpu,
+        )?;
+        for (k, v) in &m.extra_trainable {
+            let w = base.weights.get(k);
+            v.set(w.ok_or_else(|| anyhow::anyhow!("base has no {k}"))?)?;
+        }
+        m
+    } else {
+        NanoBackbone::from_base(
+            &base.cfg,
+            &base.weights,
+            base.tokenizer.clone(),
+            base.codebook.clone(),
+            plan,
+            &Device::Cpu,
+        )?
+    };
+    let mut vars = cnext_backbones::Backbone::trainable(&model);
+    // PROBE_ONLY=a,b: in "full" mode, train only the weights whose names contain a or b.
+    if let (true, Ok(only)) = (full, std::env::var("PROBE_ONLY")) {
+        vars.retain(|k, _| only.split(',').any(|p| k.contains(p)));
+        println!("training {} tensors", vars.len());
+    }
+    // PROBE_FREEZE=a,b: keep the weights whose names contain a or b out of the optimizer.
+    if let Ok(freeze) = std::env::var("PROBE_FREEZE") {
+        vars.retain(|k, _| !freeze.split(',').any(|p| k.contains(p)));
+        println!("training {} tensors", vars.len());
+    }
     if steps > 0 {
         let tc = TrainConfig {
             steps,
@@ -109,6 +145,17 @@ fn main() -> anyhow::Result<()> {
         e.accuracy,
         t0.elapsed().as_secs_f64()
     );
+    // Mean score per question template (its first three words).
+    let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for (it, sc) in ev.iter().zip(&e.scores) {
+        let key: Vec<&str> = it.prompt.text.split_whitespace().take(3).collect();
+        let ent = by.entry(key.join(" ")).or_default();
+        ent.0 += sc;
+        ent.1 += 1;
+    }
+    for (k, (sum, n)) in &by {
+        println!("  {:6.1}  n={n:3}  {k}", 100.0 * sum / *n as f64);
+    }
     for (p, (it, sc)) in e.predictions.iter().zip(ev.iter().zip(&e.scores)).take(12) {
         let r = match &it.reference {
             cnext_harness::tasks::Reference::Text(v) => v[0].clone(),
@@ -143,7 +190,23 @@ fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
         .collect();
     let mut glyphs: Option<(usize, usize)> = None;
     for chunk in text.chunks(64) {
-        let prompts: Vec<_> = chunk.iter().map(|e| e.prompt.clone()).collect();
+        // PROBE_SUFFIX: appended to every prompt (does a skill survive a longer instruction?).
+        let suffix = std::env::var("PROBE_SUFFIX")
+            .unwrap_or_default()
+            .replace("\\n", "\n");
+        let prompts: Vec<_> = chunk
+            .iter()
+            .map(|e| {
+                let mut p = e.prompt.clone();
+                p.text.push_str(&suffix);
+                if let Ok(sub) = std::env::var("PROBE_SUBST") {
+                    if let Some((a, b)) = sub.split_once('=') {
+                        p.text = p.text.replace(a, b);
+                    }
+                }
+                p
+            })
+            .collect();
         let out = model.generate(&prompts, OutputKind::Text, 40)?;
         for (e, o) in chunk.iter().zip(out) {
             let key: String = e
