@@ -157,8 +157,13 @@ pub fn ensure_base(
     dev: &Device,
     progress: bool,
 ) -> Result<Base, AssetError> {
+    // The first mix hashes as nothing, so bases built before the version existed keep their keys.
+    let mix = match pretrain::MIX_VERSION {
+        1 => String::new(),
+        v => format!("|mix{v}"),
+    };
     let key = fnv_hex(&format!(
-        "{}|{}|{}",
+        "{}|{}|{}{mix}",
         serde_json::to_string(cfg).unwrap_or_default(),
         env!("CARGO_PKG_VERSION"),
         std::fs::read_to_string(data_root.join("manifest.json")).unwrap_or_default()

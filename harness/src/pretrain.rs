@@ -11,6 +11,10 @@ use cnext_datasets::covers::Cover;
 use cnext_datasets::rng::Rng;
 use cnext_datasets::scene::{Object, Scene, Size};
 
+/// Bump whenever `example` changes what it generates: the base cache key hashes it, so a base
+/// pretrained on another mix is never reused.
+pub const MIX_VERSION: u32 = 1;
+
 const NUMBER_WORDS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 
 /// "small red circle top left; large blue square bottom right"
@@ -165,6 +169,39 @@ pub fn corpus(seed: u64, n: usize) -> Vec<String> {
 mod tests {
     use super::*;
     use cnext_datasets::scene::{Color, Shape};
+
+    /// A checksum of what the mix generates: texts and pixels of its first examples.
+    fn fingerprint() -> String {
+        let words = vec![" red".to_string(), " circle".to_string()];
+        let pixels = |img: &image::RgbImage| -> u64 {
+            let raw = img.as_raw().iter().enumerate();
+            raw.map(|(i, &b)| (i as u64 + 1) * u64::from(b)).sum()
+        };
+        let mut all = String::new();
+        for e in mix(7, 256, &words) {
+            all.push_str(&e.prompt.text);
+            if let Some(img) = &e.prompt.image {
+                all.push_str(&format!("|{}", pixels(img)));
+            }
+            match &e.target {
+                Target::Text(t) => all.push_str(&format!("|{t}\n")),
+                Target::Image(img) => all.push_str(&format!("|{}\n", pixels(img))),
+            }
+        }
+        crate::assets::fnv_hex(&all)
+    }
+
+    #[test]
+    fn a_changed_mix_must_bump_its_version() {
+        // A mix that generates something else must bump MIX_VERSION (hashed into the base
+        // cache key, so no base pretrained on the old mix is reused), then pin the new value.
+        const PINNED: (u32, &str) = (1, "27f86736744de611");
+        assert_eq!(
+            (MIX_VERSION, fingerprint().as_str()),
+            PINNED,
+            "the pretraining mix changed: bump MIX_VERSION and pin its fingerprint"
+        );
+    }
 
     #[test]
     fn formats_differ_from_the_tasks() {
