@@ -265,12 +265,18 @@ pub fn run(name: &TestName, methods: &[MethodEntry]) -> Result<(), String> {
         }
         Check::Matrix => {
             let new = snapshot_of(name, method)?;
-            let outcome = match snapshot::read(&path)? {
+            let old = snapshot::read(&path)?;
+            let outcome = match &old {
                 None => Err(format!("no snapshot {} yet", path.display())),
-                Some(old) => snapshot::compare_matrix(&new, &old, tol),
+                Some(old) => snapshot::compare_matrix(&new, old, tol),
             };
             match outcome {
-                Ok(notes) => {
+                Ok(mut notes) => {
+                    // Same numbers from another config, base or version: the provenance the
+                    // snapshot states is stale, so it is re-recorded like moved numbers.
+                    if old.is_some_and(|o| o.provenance != new.provenance) {
+                        notes.push("provenance changed".into());
+                    }
                     if !notes.is_empty() {
                         eprintln!(
                             "{name}: within tolerance of {} ({}); `INSTA_UPDATE=always` records the new values",
