@@ -198,6 +198,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         k == 1 && m.schedule() == Schedule::Sequential && m.shares_first_stage()
     }
 
+    /// The progress label and shuffle stream of a shared stage.
+    fn shared_label(architecture: &str, k: usize, t: TaskId) -> String {
+        format!("{architecture} (shared): stage {k} {t}")
+    }
+
     /// The key inputs of stage `k` (1-based) and its entry folder name.
     fn key(&self, k: usize) -> (serde_json::Value, String) {
         let m = self.method();
@@ -212,7 +217,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         } else {
             String::new()
         };
-        let inputs = serde_json::json!({
+        let mut inputs = serde_json::json!({
             "crate": env!("CARGO_PKG_VERSION"),
             "base": self.base.dir.file_name().map(|s| s.to_string_lossy().to_string()),
             "device": format!("{:?}", self.base.device.location()),
@@ -231,6 +236,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             "order_prefix": order[..k.min(order.len())].iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             "prev": prev,
         });
+        if self.shared(k) {
+            // Before this input, the stream was named after whichever method built the
+            // stage first; entries from then are not reused.
+            inputs["stream"] = Self::shared_label(&m.architecture(), k, order[k - 1]).into();
+        }
         let task = match m.schedule() {
             Schedule::Joint => "joint".to_string(),
             _ => order[k - 1].to_string(),
@@ -404,8 +414,10 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     seed: self.cfg.seed,
                 };
                 let shared = self.shared(k);
+                // The label also names the shuffle stream: a shared stage's is the
+                // architecture's, so it comes out the same whichever method builds it.
                 let label = if shared {
-                    format!("{id} (shared): stage {k} {t}")
+                    Self::shared_label(&live.method.architecture(), k, t)
                 } else {
                     format!("{id}: stage {k} {t}")
                 };

@@ -569,3 +569,35 @@ fn run_lr_and_steps_overrides_reach_the_stage_and_name_the_run_folder() {
     assert_eq!(r["config"]["stage"]["optim"]["lr"], serde_json::json!(0.01));
     assert_eq!(r["config"]["stage"]["steps"], serde_json::json!(2));
 }
+
+#[test]
+fn a_shared_first_stage_is_the_same_whichever_method_builds_it() {
+    // `lora` and `ewc` share stage 1 (one cache key); built by either, in its own cache, it must
+    // hold the same weights, or the cache would keep whichever method came first.
+    let tmp = tempfile::tempdir().unwrap();
+    let stage1 = |method: &str| -> Vec<u8> {
+        let cache = tmp.path().join(method);
+        let o = cnext(&[
+            "run",
+            "--method",
+            method,
+            "--profile",
+            "smoke",
+            "--steps",
+            "3",
+            "--cache",
+            cache.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dir = std::fs::read_dir(cache.join("stages"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.starts_with("shared-lora-stage1-")
+            })
+            .expect("a shared stage-1 entry");
+        std::fs::read(dir.join("weights.safetensors")).unwrap()
+    };
+    assert!(stage1("lora") == stage1("ewc"));
+}
