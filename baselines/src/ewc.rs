@@ -38,7 +38,10 @@ pub struct EwcConfig {
 impl Default for EwcConfig {
     fn default() -> Self {
         EwcConfig {
-            lambda: 5_000.0,
+            // Swept on mini (default order, seed 0; Avg.ACC): 5 -> 21.21, 15 -> 26.64,
+            // 30 -> 21.99, 50 -> 21.58, 150 -> 19.35, 500 -> 11.74, 5e3 -> 8.04 (it then
+            // barely learns a new task: New.ACC 10.88).
+            lambda: 15.0,
             samples: 200,
             mode: FisherMode::Online,
         }
