@@ -198,9 +198,15 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         k == 1 && m.schedule() == Schedule::Sequential && m.shares_first_stage()
     }
 
-    /// The progress label and shuffle stream of a shared stage.
-    fn shared_label(architecture: &str, k: usize, t: TaskId) -> String {
-        format!("{architecture} (shared): stage {k} {t}")
+    /// The progress label of sequential stage `k`, which also names its shuffle stream: a shared
+    /// stage's is the architecture's, so it comes out the same whichever method builds it.
+    fn stage_label(&self, m: &dyn Method, k: usize) -> String {
+        let t = self.cfg.order.tasks()[k - 1];
+        if self.shared(k) {
+            format!("{} (shared): stage {k} {t}", m.architecture())
+        } else {
+            format!("{}: stage {k} {t}", m.id())
+        }
     }
 
     /// The key inputs of stage `k` (1-based) and its entry folder name.
@@ -239,7 +245,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         if self.shared(k) {
             // Before this input, the stream was named after whichever method built the
             // stage first; entries from then are not reused.
-            inputs["stream"] = Self::shared_label(&m.architecture(), k, order[k - 1]).into();
+            inputs["stream"] = self.stage_label(m.as_ref(), k).into();
         }
         let task = match m.schedule() {
             Schedule::Joint => "joint".to_string(),
@@ -414,13 +420,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     seed: self.cfg.seed,
                 };
                 let shared = self.shared(k);
-                // The label also names the shuffle stream: a shared stage's is the
-                // architecture's, so it comes out the same whichever method builds it.
-                let label = if shared {
-                    Self::shared_label(&live.method.architecture(), k, t)
-                } else {
-                    format!("{id}: stage {k} {t}")
-                };
+                let label = self.stage_label(live.method.as_ref(), k);
                 // A shared first stage trains without the method's hooks.
                 if !shared {
                     live.method.begin_task(info, &vars)?;
