@@ -53,6 +53,15 @@ fn metrics_prints_table_and_json_and_names_bad_lines() {
 }
 
 /// Generates smoke data and returns (tempdir, data root).
+/// The stage-cache entry under `cache` whose folder name starts with `prefix`.
+fn stage_entry(cache: &Path, prefix: &str) -> std::path::PathBuf {
+    std::fs::read_dir(cache.join("stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no stage entry {prefix}* in {}", cache.display()))
+}
+
 fn smoke() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("data");
@@ -333,17 +342,7 @@ fn run_smoke_lora_end_to_end_writes_matrix_results_and_predictions() {
     );
     // An entry without its entry.json (as if cut off while writing) is not taken as complete:
     // that stage is retrained, the later ones still load, and the matrix is the same.
-    let stages = cache.join("stages");
-    let stage3 = std::fs::read_dir(&stages)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("lora-stage3-")
-        })
-        .unwrap();
+    let stage3 = stage_entry(&cache, "lora-stage3-");
     std::fs::remove_file(stage3.join("entry.json")).unwrap();
     let o3 = cnext(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o3.status.success(), "{}", stderr(&o3));
@@ -589,14 +588,7 @@ fn a_shared_first_stage_is_the_same_whichever_method_builds_it() {
             cache.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let dir = std::fs::read_dir(cache.join("stages"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().to_string();
-                name.starts_with("shared-lora-stage1-")
-            })
-            .expect("a shared stage-1 entry");
+        let dir = stage_entry(&cache, "shared-lora-stage1-");
         std::fs::read(dir.join("weights.safetensors")).unwrap()
     };
     assert!(stage1("lora") == stage1("ewc"));
