@@ -235,6 +235,10 @@ fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
                 ent.0 += hit;
                 ent.1 += w.len();
             }
+            // PROBE_DUMP: every output of the base, not just three misses per skill.
+            if std::env::var("PROBE_DUMP").is_ok() {
+                println!("DUMP {key} | {o} | {t}");
+            }
             let ent = by.entry(key).or_default();
             ent.1 += 1;
             if o.trim() == t.trim() {
