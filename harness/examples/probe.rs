@@ -1,6 +1,7 @@
 //! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
 //! usage: probe <cache> <task> <steps> <lr> [rank|full] [batch]
 //!        probe <cache> pre [pretrain_steps pretrain_lr]   (base skills; other values build a new base)
+//!        probe <cache> bind   (does the base's "Which cell holds the <noun>?" depend on the noun?)
 //! `full` fine-tunes every base weight instead of a LoRA (a ceiling, not a method);
 //! PROBE_ONLY=a,b (with `full`) trains only weights whose names contain a or b, and
 //! PROBE_FREEZE=a,b keeps those out of the optimizer. Prints the score per question template.
@@ -23,6 +24,9 @@ use std::path::PathBuf;
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let cache = PathBuf::from(&a[1]);
+    if a[2] == "bind" {
+        return bind(&cache);
+    }
     if a[2] == "pre" {
         let mut cfg = BaseConfig::mini(0);
         if let (Some(steps), Some(lr)) = (a.get(3), a.get(4)) {
@@ -257,5 +261,60 @@ fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
             println!("    {b}");
         }
     }
+    Ok(())
+}
+
+/// Two-object scenes, the base asked "Which cell holds the <noun>?" for each object: a base that
+/// binds the noun to its patch answers the two differently; one that ignores the noun does not.
+fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
+    use cnext_backbones::{Backbone, Output, OutputKind, Prompt};
+    use cnext_datasets::{rng::Rng, scene::Scene};
+    use cnext_harness::pretrain::cell_answer;
+    let root = cache.join("data/mini-seed0");
+    let base = ensure_base(cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
+    let model = NanoBackbone::from_base(
+        &base.cfg,
+        &base.weights,
+        base.tokenizer.clone(),
+        base.codebook.clone(),
+        AdapterPlan::none(),
+        &Device::Cpu,
+    )?;
+    let mut rng = Rng::new(99);
+    let (mut scenes, mut same, mut right) = (0, 0, 0);
+    while scenes < 100 {
+        let s = Scene::random(&mut rng, 2, 2);
+        if s.objects.len() != 2 {
+            continue;
+        }
+        let prompts: Vec<Prompt> = s
+            .objects
+            .iter()
+            .map(|o| Prompt {
+                image: Some(s.render()),
+                text: format!("Which cell holds the {}?", o.noun()),
+            })
+            .collect();
+        let out = model.generate(&prompts, OutputKind::Text, 12)?;
+        let said: Vec<String> = out
+            .into_iter()
+            .map(|o| match o {
+                Output::Text(t) => t,
+                Output::Image(_) => String::new(),
+            })
+            .collect();
+        scenes += 1;
+        same += usize::from(said[0] == said[1]);
+        right += s
+            .objects
+            .iter()
+            .zip(&said)
+            .filter(|(o, t)| cell_answer(o) == **t)
+            .count();
+    }
+    println!(
+        "{scenes} two-object scenes: the same cell for both nouns {same} times, right {right}/{}",
+        2 * scenes
+    );
     Ok(())
 }
