@@ -173,18 +173,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
-    use cnext_backbones::{Backbone, Output, OutputKind, Target};
+/// The base of `cfg` (built first if the cache lacks it) with no adapter, as `pre` and `bind` ask it.
+fn base_model(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<NanoBackbone> {
     let root = cache.join("data/mini-seed0");
     let base = ensure_base(cache, &root, cfg, &Device::Cpu, true)?;
-    let model = NanoBackbone::from_base(
+    Ok(NanoBackbone::from_base(
         &base.cfg,
         &base.weights,
         base.tokenizer.clone(),
         base.codebook.clone(),
         AdapterPlan::none(),
         &Device::Cpu,
-    )?;
+    )?)
+}
+
+fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
+    use cnext_backbones::{Backbone, Output, OutputKind, Target};
+    let model = base_model(cache, cfg)?;
     let ex = cnext_harness::pretrain::mix(12345, 800, &[]);
     let mut by: std::collections::BTreeMap<String, (usize, usize, Vec<String>)> =
         Default::default();
@@ -270,16 +275,7 @@ fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
     use cnext_backbones::{Backbone, Output, OutputKind, Prompt};
     use cnext_datasets::{rng::Rng, scene::Scene};
     use cnext_harness::pretrain::cell_answer;
-    let root = cache.join("data/mini-seed0");
-    let base = ensure_base(cache, &root, &BaseConfig::mini(0), &Device::Cpu, true)?;
-    let model = NanoBackbone::from_base(
-        &base.cfg,
-        &base.weights,
-        base.tokenizer.clone(),
-        base.codebook.clone(),
-        AdapterPlan::none(),
-        &Device::Cpu,
-    )?;
+    let model = base_model(cache, &BaseConfig::mini(0))?;
     let mut rng = Rng::new(99);
     let (mut scenes, mut same, mut right) = (0, 0, 0);
     while scenes < 100 {
