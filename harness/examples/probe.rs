@@ -1,7 +1,8 @@
 //! Experiment probe: train LoRA on one task from the cached mini base, print accuracy and samples.
 //! usage: probe <cache> <task> <steps> <lr> [rank|full] [batch]
 //!        probe <cache> pre [pretrain_steps pretrain_lr]   (base skills; other values build a new base)
-//!        probe <cache> bind   (does the base's "Which cell holds the <noun>?" depend on the noun?)
+//!        probe <cache> bind   (does the base's "Which cell holds the <noun>?" depend on the noun?
+//!                              also prints patch feature norms and where the relevance gate opens)
 //! `full` fine-tunes every base weight instead of a LoRA (a ceiling, not a method);
 //! PROBE_ONLY=a,b (with `full`) trains only weights whose names contain a or b, and
 //! PROBE_FREEZE=a,b keeps those out of the optimizer. Prints the score per question template.
@@ -277,7 +278,15 @@ fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
     use cnext_harness::pretrain::cell_answer;
     let model = base_model(cache, &BaseConfig::mini(0))?;
     let mut rng = Rng::new(99);
+    {
+        let s = Scene::random(&mut rng, 3, 3);
+        let img = s.render();
+        let f = model.model.patch_features(&[&img])?;
+        let n = f.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        println!("patch feature norms {n:?}");
+    }
     let (mut scenes, mut same, mut right) = (0, 0, 0);
+    let (mut gate_hits, mut gate_n, mut gate_false, mut gate_m) = (0, 0, 0, 0);
     while scenes < 100 {
         let s = Scene::random(&mut rng, 2, 2);
         if s.objects.len() != 2 {
@@ -291,6 +300,21 @@ fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
                 text: format!("Which cell holds the {}?", o.noun()),
             })
             .collect();
+        let logits = model.relevance_logits(&prompts)?.to_vec1::<f32>()?;
+        for (k, o) in s.objects.iter().enumerate() {
+            for (r, c) in o.cells() {
+                let l = logits[k * 9 + (r * 3 + c) as usize];
+                gate_hits += usize::from(l > 0.0);
+                gate_n += 1;
+            }
+            for p in s.objects.iter().filter(|p| *p != o) {
+                for (r, c) in p.cells() {
+                    let l = logits[k * 9 + (r * 3 + c) as usize];
+                    gate_false += usize::from(l > 0.0);
+                    gate_m += 1;
+                }
+            }
+        }
         let out = model.generate(&prompts, OutputKind::Text, 12)?;
         let said: Vec<String> = out
             .into_iter()
@@ -311,6 +335,9 @@ fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
     println!(
         "{scenes} two-object scenes: the same cell for both nouns {same} times, right {right}/{}",
         2 * scenes
+    );
+    println!(
+        "relevance gate open on the named object's cells {gate_hits}/{gate_n}, on the other's {gate_false}/{gate_m}"
     );
     Ok(())
 }

@@ -38,6 +38,9 @@ pub struct BaseConfig {
     pub examples: usize,
     pub codebook_size: usize,
     pub min_word_count: usize,
+    /// Steps of each supervised vision phase before the mix ([`crate::vision`]: patch encoder,
+    /// then relevance gate), which stay frozen after. 0: neither; everything trains with the mix.
+    pub vision_steps: usize,
 }
 
 impl BaseConfig {
@@ -59,6 +62,7 @@ impl BaseConfig {
             examples: 24_000,
             codebook_size: 256,
             min_word_count: 3,
+            vision_steps: 600,
         }
     }
 
@@ -71,6 +75,7 @@ impl BaseConfig {
                 ..Self::mini(seed).pretrain
             },
             examples: 1_000,
+            vision_steps: 20,
             ..Self::mini(seed)
         }
     }
@@ -222,7 +227,10 @@ fn build(
     let examples = pretrain::mix(cfg.seed, cfg.examples, &words);
     let model =
         NanoBackbone::init_pretrain(&ncfg, tokenizer.clone(), codebook.clone(), cfg.seed, dev)?;
-    let vars = cnext_backbones::Backbone::trainable(&model);
+    let mut vars = cnext_backbones::Backbone::trainable(&model);
+    if cfg.vision_steps > 0 {
+        crate::vision::pretrain(&model, &mut vars, &words, cfg, dev, progress)?;
+    }
     let stats = train(
         &model,
         &vars,

@@ -13,3 +13,4 @@ pub mod run;
 pub mod stages;
 pub mod tasks;
 pub mod train;
+pub mod vision;

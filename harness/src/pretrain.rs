@@ -1,6 +1,6 @@
 //! The generic pretraining mix of the nano base. It teaches the skills the six tasks need
 //! (naming colours, shapes, sizes and places, counting, reading glyphs, telling sprites apart,
-//! locating objects, drawing and copying pictures) under OTHER instructions and answer formats
+//! locating and describing a named object, drawing and copying pictures) under OTHER instructions and answer formats
 //! than the tasks use, so that zero-shot accuracy is low and each task stage mostly teaches the
 //! paper's template, format and labels, as continual instruction tuning of a real MLLM does.
 //! A "repeat after me" part trains the embedding and head of every vocabulary word.
@@ -13,7 +13,7 @@ use cnext_datasets::scene::{Object, Scene, Size};
 
 /// Bump whenever `example` changes what it generates: the base cache key hashes it, so a base
 /// pretrained on another mix is never reused.
-pub const MIX_VERSION: u32 = 1;
+pub const MIX_VERSION: u32 = 2;
 
 const NUMBER_WORDS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 
@@ -22,17 +22,33 @@ pub fn listing(scene: &Scene) -> String {
     scene
         .objects
         .iter()
-        .map(|o| {
-            format!(
-                "{} {} {} {}",
-                o.size.name(),
-                o.color.name(),
-                o.shape.name(),
-                o.position()
-            )
-        })
+        .map(entry)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// One object as the listing names it: "small red circle top left".
+pub fn entry(o: &Object) -> String {
+    format!(
+        "{} {} {} {}",
+        o.size.name(),
+        o.color.name(),
+        o.shape.name(),
+        o.position()
+    )
+}
+
+/// A key that names `o` and no other object of `s`: its noun, or its shape or colour alone
+/// where that is unique ("the circle", "the red thing").
+fn describe_key(s: &Scene, o: &Object, rng: &mut Rng) -> String {
+    let mut keys = vec![o.noun()];
+    if s.objects.iter().filter(|p| p.shape == o.shape).count() == 1 {
+        keys.push(o.shape.name().to_string());
+    }
+    if s.objects.iter().filter(|p| p.color == o.color).count() == 1 {
+        keys.push(format!("{} thing", o.color.name()));
+    }
+    rng.pick(&keys).clone()
 }
 
 /// "row 2 column 3", or "rows 1 to 2 columns 2 to 3" for a large object (1-based).
@@ -77,7 +93,7 @@ fn img(image: image::RgbImage, text: &str, answer: String) -> Example {
 
 /// One pretraining example. `words` is the tokenizer's word list (for the repeat part).
 pub fn example(rng: &mut Rng, words: &[String]) -> Example {
-    match rng.below(8) {
+    match rng.below(9) {
         0 if !words.is_empty() => {
             let n = rng.range(2, 6);
             let text: String = (0..n).map(|_| rng.pick(words).as_str()).collect();
@@ -132,6 +148,16 @@ pub fn example(rng: &mut Rng, words: &[String]) -> Example {
                 target: Target::Image(s.render()),
             }
         }
+        8 => {
+            let s = Scene::random(rng, 1, 4);
+            let o = *rng.pick(&s.objects);
+            img(
+                s.render(),
+                &format!("Describe the {}.", describe_key(&s, &o, rng)),
+                entry(&o),
+            )
+        }
+        // 7, and 0 when there are no words to repeat.
         _ => {
             let s = Scene::random(rng, 1, 3);
             Example {
@@ -195,7 +221,7 @@ mod tests {
     fn a_changed_mix_must_bump_its_version() {
         // A mix that generates something else must bump MIX_VERSION (hashed into the base
         // cache key, so no base pretrained on the old mix is reused), then pin the new value.
-        const PINNED: (u32, &str) = (1, "27f86736744de611");
+        const PINNED: (u32, &str) = (2, "81cda88637fa7a8b");
         assert_eq!(
             (MIX_VERSION, fingerprint().as_str()),
             PINNED,

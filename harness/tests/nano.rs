@@ -359,3 +359,39 @@ fn ensemble_decoding_of_identical_members_equals_greedy_and_restores_the_weights
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k} changed");
     }
 }
+
+#[test]
+fn vision_pretraining_learns_and_leaves_its_parts_out_of_the_mix() {
+    // Both supervised phases must learn (their losses fall) and the parts they train must not
+    // reach the mix's optimizer, or the mix would undo them.
+    let (cfg, _, tok, cb) = parts();
+    let m = NanoBackbone::init_pretrain(&cfg, tok.clone(), cb, 6, &Device::Cpu).unwrap();
+    let mut vars = m.trainable();
+    let words: Vec<String> = (0..tok.vocab_size() as u32)
+        .map(|i| tok.decode(&[i]))
+        .filter(|w| w.len() > 1)
+        .collect();
+    let encoder: BTreeMap<_, _> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with("vision."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (first, last) =
+        cnext_harness::vision::pretrain_encoder(&m, &encoder, 40, 0, &Device::Cpu).unwrap();
+    assert!(last < 0.8 * first, "encoder loss {first} -> {last}");
+    let gate: BTreeMap<_, _> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with("relevance.") && *k != "relevance.flag")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (first, last) =
+        cnext_harness::vision::pretrain_relevance(&m, &gate, &words, 60, 0, &Device::Cpu).unwrap();
+    assert!(last < 0.8 * first, "relevance loss {first} -> {last}");
+    let mut base = cnext_harness::assets::BaseConfig::smoke(0);
+    base.vision_steps = 2;
+    cnext_harness::vision::pretrain(&m, &mut vars, &words, &base, &Device::Cpu, false).unwrap();
+    assert!(vars.contains_key("relevance.flag") && vars.contains_key("projector.weight"));
+    assert!(!vars
+        .keys()
+        .any(|k| k.starts_with("vision.") || k.starts_with("relevance.e")));
+}

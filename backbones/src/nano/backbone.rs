@@ -175,6 +175,17 @@ impl NanoBackbone {
             .collect())
     }
 
+    /// The relevance logit of every patch of each prompt's image to its text: [sum of patches].
+    pub fn relevance_logits(&self, prompts: &[Prompt]) -> Result<Tensor> {
+        let mut seqs: Vec<Vec<Slot>> = prompts.iter().map(|p| self.prompt_slots(p)).collect();
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        for s in seqs.iter_mut() {
+            s.resize(t, Slot::Token(super::tokenizer::PAD));
+        }
+        let images: Vec<_> = prompts.iter().map(|p| p.image.as_ref()).collect();
+        self.model.patch_relevance(&seqs, &images)
+    }
+
     fn answer_ids(&self, t: &Target) -> Vec<u32> {
         match t {
             Target::Text(s) => {

@@ -17,6 +17,10 @@ use std::path::Path;
 /// Initial value of a base weight, by naming rule.
 fn init_value(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     let n: usize = shape.iter().product();
+    if name == "relevance.flag" {
+        // As large as a patch's embedding (norms 16-50), or the decoder never notices it.
+        return normal_values(seed, name, n, 2.0);
+    }
     if name.ends_with("norm.weight") {
         return vec![1.0; n];
     }

@@ -2,7 +2,8 @@
 //! Models with Unified Multi-granularity Comprehension and Generation", 2024; Wu et al., "Janus:
 //! Decoupling Visual Encoding for Unified Multimodal Understanding and Generation", 2024):
 //! images are read as continuous patch embeddings (frozen patch encoder + trainable projector,
-//! Fuyu/Janus-style) and written as VQ codes predicted by a LLaMA-style decoder (RMSNorm, RoPE,
+//! Fuyu/Janus-style, each patch flagged by how well it matches the prompt's words: [`Relevance`])
+//! and written as VQ codes predicted by a LLaMA-style decoder (RMSNorm, RoPE,
 //! SwiGLU). Every op used here has a backward pass (no fused rms_norm/softmax/rope).
 
 use super::config::NanoConfig;
@@ -172,8 +173,8 @@ impl Vision {
         })
     }
 
-    /// Embeds the patches of every image, concatenated in order: [sum of patches, d].
-    fn forward(&self, images: &[&RgbImage], dev: &Device) -> Result<Tensor> {
+    /// The patch encoder's output before the projector: [sum of patches, d].
+    fn features(&self, images: &[&RgbImage], dev: &Device) -> Result<Tensor> {
         let p = self.patch as u32;
         let (mut pix, mut rows, mut cols) = (vec![], vec![], vec![]);
         for img in images {
@@ -195,8 +196,89 @@ impl Vision {
         let r = self.row_embed.index_select(&Tensor::new(rows, dev)?, 0)?;
         let c = self.col_embed.index_select(&Tensor::new(cols, dev)?, 0)?;
         let h = ((self.patch_embed.forward(&x)? + r)? + c)?.silu()?;
-        let h = self.fc.forward(&h)?;
-        self.projector.forward(&h)
+        self.fc.forward(&h)
+    }
+}
+
+/// Text-queried patch relevance (after OWL-ViT, Minderer et al. 2022, which scores image
+/// patches against a text query, and InstructBLIP, Dai et al. 2023, whose visual tokens depend
+/// on the instruction). Each patch's encoder features are scored against the mean of the
+/// prompt's words in a table of its own, and the patch gets a learned flag in proportion. It is
+/// pretrained on which objects a phrase names (`cnext_harness::vision`), then frozen: without
+/// it the decoder never learned to pick out the patch a question names ("the red circle") and
+/// answered about the same object whatever the noun.
+#[derive(Debug, Clone)]
+struct Relevance {
+    embed: Tensor,
+    key: Linear,
+    query: Linear,
+    flag: Tensor,
+}
+
+impl Relevance {
+    fn new(cfg: &NanoConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let none = AdapterPlan::none();
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        Ok(Relevance {
+            embed: vb.get_with_hints((cfg.vocab_size, d), "embed", init)?,
+            key: linear(d, d, false, vb.pp("key"), &none)?,
+            query: linear(d, d, false, vb.pp("query"), &none)?,
+            flag: vb.get_with_hints(d, "flag", init)?,
+        })
+    }
+
+    /// Logits [P] for the patches `feats` [P, d] of the images of `seqs`, in order. A
+    /// sequence's prompt text is its tokens after its last patch, up to `<sep>`.
+    fn logits(
+        &self,
+        feats: &Tensor,
+        seqs: &[Vec<Slot>],
+        images: &[Option<&RgbImage>],
+        cfg: &NanoConfig,
+    ) -> Result<Tensor> {
+        let (b, t) = (seqs.len(), seqs.first().map_or(0, Vec::len));
+        let dev = feats.device();
+        let (mut weights, mut ids) = (vec![0f32; b * t], vec![0u32; b * t]);
+        let mut owner = Vec::with_capacity(feats.dim(0)?);
+        let ps = cfg.patch_size as u32;
+        for (bi, (s, img)) in seqs.iter().zip(images).enumerate() {
+            let Some(i) = img else { continue };
+            let start = s
+                .iter()
+                .rposition(|x| matches!(x, Slot::Patch(_)))
+                .map_or(0, |p| p + 1);
+            let end = s[start..]
+                .iter()
+                .position(|x| *x == Slot::Token(super::tokenizer::SEP))
+                .map_or(s.len(), |p| start + p);
+            for (j, slot) in s.iter().enumerate().take(end).skip(start) {
+                if let Slot::Token(id) = slot {
+                    ids[bi * t + j] = *id;
+                    weights[bi * t + j] = 1.0 / (end - start) as f32;
+                }
+            }
+            let n = ((i.width() / ps) * (i.height() / ps)) as usize;
+            owner.extend(std::iter::repeat_n(bi as u32, n));
+        }
+        let d = cfg.hidden_size;
+        let words = self.embed.index_select(&Tensor::new(ids, dev)?, 0)?;
+        let mean = Tensor::from_vec(weights, (b, 1, t), dev)?
+            .matmul(&words.reshape((b, t, d))?)?
+            .squeeze(1)?;
+        let unit = Tensor::ones(d, mean.dtype(), dev)?;
+        // Unit RMS on both sides and a 1/d scale: logits start near 0, the gate near 1/2.
+        let q = self
+            .query
+            .forward(&candle_nn::ops::rms_norm_slow(&mean, &unit, 1e-5)?)?
+            .index_select(&Tensor::new(owner, dev)?, 0)?;
+        let k = self
+            .key
+            .forward(&candle_nn::ops::rms_norm_slow(feats, &unit, 1e-5)?)?;
+        (k * q)?.sum(1)? / d as f64
     }
 }
 
@@ -216,6 +298,7 @@ pub struct NanoModel {
     norm: RmsNorm,
     lm_head: Tensor,
     vision: Vision,
+    relevance: Relevance,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -255,6 +338,7 @@ impl NanoModel {
         let norm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("llm.norm"))?;
         let lm_head = vb.get_with_hints((cfg.vocab_size, d), "lm_head.weight", init)?;
         let vision = Vision::new(cfg, vb.clone(), vb_train)?;
+        let relevance = Relevance::new(cfg, vb.pp("relevance"))?;
         let half = cfg.head_dim() / 2;
         let mut cos = Vec::with_capacity(cfg.max_position_embeddings * half);
         let mut sin = Vec::with_capacity(cos.capacity());
@@ -273,6 +357,7 @@ impl NanoModel {
             norm,
             lm_head,
             vision,
+            relevance,
             cos: Tensor::from_vec(cos, shape, &device)?,
             sin: Tensor::from_vec(sin, shape, &device)?,
             device,
@@ -335,7 +420,14 @@ impl NanoModel {
         if acc == 0 {
             return text.reshape((b, t, self.cfg.hidden_size));
         }
-        let patches = self.vision.forward(&present, &self.device)?;
+        let feats = self.vision.features(&present, &self.device)?;
+        let gate = self.relevance.logits(&feats, seqs, images, &self.cfg)?;
+        // sigmoid(x) = (1 + tanh(x / 2)) / 2: differentiable ops that cannot overflow.
+        let gate = (((gate * 0.5)?.tanh()? + 1.0)? * 0.5)?;
+        let patches = (self.vision.projector.forward(&feats)?
+            + gate
+                .unsqueeze(1)?
+                .broadcast_mul(&self.relevance.flag.unsqueeze(0)?)?)?;
         let mut idx = Vec::with_capacity(b * t);
         for (bi, s) in seqs.iter().enumerate() {
             for (ti, slot) in s.iter().enumerate() {
@@ -382,6 +474,24 @@ impl NanoModel {
             h = (h + m)?;
         }
         self.norm.forward(&h)
+    }
+
+    /// The patch encoder's features of every patch of `images` (row-major per image, images in
+    /// order), before the projector: what supervised vision pretraining trains.
+    pub fn patch_features(&self, images: &[&RgbImage]) -> Result<Tensor> {
+        self.vision.features(images, &self.device)
+    }
+
+    /// The relevance logit of every patch of `images` to its sequence's prompt text (see
+    /// [`Relevance`]): [sum of patches].
+    pub fn patch_relevance(
+        &self,
+        seqs: &[Vec<Slot>],
+        images: &[Option<&RgbImage>],
+    ) -> Result<Tensor> {
+        let present: Vec<&RgbImage> = images.iter().flatten().copied().collect();
+        let feats = self.vision.features(&present, &self.device)?;
+        self.relevance.logits(&feats, seqs, images, &self.cfg)
     }
 
     /// Logits of hidden states [N, d] -> [N, vocab].
