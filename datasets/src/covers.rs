@@ -121,17 +121,28 @@ impl Cover {
         title_case(&self.author)
     }
 
+    /// Each line of text as drawn: (glyph row, first glyph column, text). Titles take rows 0-1,
+    /// the author row 4 and the year row 5, each centred.
+    pub fn text_rows(&self) -> Vec<(u32, u32, String)> {
+        let centred = |s: &str| ((COVER_COLS - s.len().min(COVER_COLS)) / 2) as u32;
+        let mut rows: Vec<(u32, String)> = self
+            .title
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i as u32, w.clone()))
+            .collect();
+        rows.push((4, self.author.clone()));
+        rows.push((5, self.year.to_string()));
+        rows.into_iter().map(|(r, w)| (r, centred(&w), w)).collect()
+    }
+
     pub fn render(&self) -> RgbImage {
         let (bg, icon, text, shape) = self.genre.style();
         let mut img = RgbImage::from_pixel(COVER_PX, COVER_PX, Rgb(bg));
-        let centred = |s: &str| ((COVER_COLS - s.len().min(COVER_COLS)) / 2) as u32;
-        for (row, w) in self.title.iter().enumerate() {
-            draw_text(&mut img, centred(w), row as u32, w, Rgb(text));
-        }
         draw_shape(&mut img, [17, 17, 14, 14], shape, Rgb(icon));
-        draw_text(&mut img, centred(&self.author), 4, &self.author, Rgb(text));
-        let year = self.year.to_string();
-        draw_text(&mut img, centred(&year), 5, &year, Rgb(text));
+        for (row, col, w) in self.text_rows() {
+            draw_text(&mut img, col, row, &w, Rgb(text));
+        }
         img
     }
 }

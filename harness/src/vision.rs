@@ -94,26 +94,16 @@ fn scenes(rng: &mut Rng, n: usize) -> Batch {
     b
 }
 
-/// The glyph in each of a cover's 36 cells (rows as `Cover::render` lays them out).
+/// The glyph in each of a cover's 36 cells, where `Cover::text_rows` draws them.
 fn covers(rng: &mut Rng, n: usize) -> Batch {
     let mut b = Batch::default();
     for _ in 0..n {
         let c = Cover::random(rng);
         let mut cells = vec![0u32; COVER_COLS * COVER_COLS];
-        let year = c.year.to_string();
-        let mut rows: Vec<(usize, &str)> = c
-            .title
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (i, w.as_str()))
-            .collect();
-        rows.push((4, &c.author));
-        rows.push((5, &year));
-        for (row, w) in rows {
-            let start = (COVER_COLS - w.len().min(COVER_COLS)) / 2;
+        for (row, start, w) in c.text_rows() {
+            let at = row as usize * COVER_COLS + start as usize;
             for (i, ch) in w.chars().enumerate() {
-                let g = GLYPHS.find(ch).map_or(0, |k| k as u32 + 1);
-                cells[row * COVER_COLS + start + i] = g;
+                cells[at + i] = GLYPHS.find(ch).map_or(0, |k| k as u32 + 1);
             }
         }
         b.labels.entry("glyph").or_default().extend(cells);
