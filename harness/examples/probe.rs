@@ -5,7 +5,9 @@
 //!                              also prints patch feature norms and where the relevance gate opens)
 //! `full` fine-tunes every base weight instead of a LoRA (a ceiling, not a method);
 //! PROBE_ONLY=a,b (with `full`) trains only weights whose names contain a or b, and
-//! PROBE_FREEZE=a,b keeps those out of the optimizer. Prints the score per question template.
+//! PROBE_FREEZE=a,b keeps those out of the optimizer. PROBE_INIT=<stage>/weights.safetensors
+//! starts from a stage cache's adapter and projector (PROBE_INIT_SKIP=a,b keeps those at base).
+//! Prints the score per question template.
 //! With `pre`, PROBE_SUBST=a=b and PROBE_SUFFIX=text rephrase every prompt (do the base's
 //! skills survive another wording?).
 use candle_core::Device;
@@ -92,6 +94,22 @@ fn main() -> anyhow::Result<()> {
         )?
     };
     let mut vars = cnext_backbones::Backbone::trainable(&model);
+    // PROBE_INIT=<weights.safetensors>: start from a stage cache's adapter and projector.
+    if let Ok(init) = std::env::var("PROBE_INIT") {
+        let w = candle_core::safetensors::load(&init, &Device::Cpu)?;
+        // PROBE_INIT_SKIP=a,b: those keep their base values.
+        let skip = std::env::var("PROBE_INIT_SKIP").unwrap_or_default();
+        for (k, v) in &vars {
+            if !skip.is_empty() && skip.split(',').any(|p| k.contains(p)) {
+                continue;
+            }
+            v.set(
+                w.get(k)
+                    .ok_or_else(|| anyhow::anyhow!("{init} has no {k}"))?,
+            )?;
+        }
+        println!("started from {init}");
+    }
     // PROBE_ONLY=a,b: in "full" mode, train only the weights whose names contain a or b.
     if let (true, Ok(only)) = (full, std::env::var("PROBE_ONLY")) {
         vars.retain(|k, _| only.split(',').any(|p| k.contains(p)));

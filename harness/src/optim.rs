@@ -18,6 +18,11 @@ pub struct AdamWConfig {
     pub grad_clip: f64,
     pub warmup_ratio: f64,
     pub min_lr_ratio: f64,
+    /// Learning-rate multipliers by variable-name prefix (the longest matching prefix wins;
+    /// others get 1). LLaVA-1.5's LoRA recipe trains its projector at 1/10 of the adapter
+    /// rate (`mm_projector_lr`); left out of the file (and of cache keys) when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lr_scale: BTreeMap<String, f64>,
 }
 
 impl Default for AdamWConfig {
@@ -32,7 +37,19 @@ impl Default for AdamWConfig {
             grad_clip: 1.0,
             warmup_ratio: 0.03,
             min_lr_ratio: 0.05,
+            lr_scale: BTreeMap::new(),
         }
+    }
+}
+
+impl AdamWConfig {
+    /// The multiplier of the variable `name` (see `lr_scale`).
+    pub fn scale_of(&self, name: &str) -> f64 {
+        self.lr_scale
+            .iter()
+            .filter(|(p, _)| name.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len())
+            .map_or(1.0, |(_, s)| *s)
     }
 }
 
@@ -119,6 +136,7 @@ impl AdamW {
             let vh = (&st.v / (1.0 - c.beta2.powi(st.t as i32)))?;
             let upd = (mh / (vh.sqrt()? + c.eps)?)?;
             let theta = var.as_tensor();
+            let lr = lr * c.scale_of(name);
             let new = ((theta * (1.0 - lr * c.weight_decay))? - (upd * lr)?)?;
             var.set(&new)?;
         }
@@ -159,5 +177,42 @@ mod tests {
         let want = |t: f64| t * (1.0 - 0.1 * 0.05) - 0.1 * 3.0 / (3.0 + 1e-6);
         assert!((f64::from(got[0]) - want(1.0)).abs() < 1e-6);
         assert!((f64::from(got[1]) - want(-2.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn lr_scale_takes_the_longest_prefix_and_scales_the_step() {
+        let c = AdamWConfig {
+            lr_scale: BTreeMap::from([("proj".to_string(), 0.5), ("projector.".to_string(), 0.1)]),
+            ..Default::default()
+        };
+        assert_eq!(c.scale_of("projector.weight"), 0.1);
+        assert_eq!(c.scale_of("proj_x"), 0.5);
+        assert_eq!(c.scale_of("layers.0.q_proj.lora_A.default.weight"), 1.0);
+        // The same gradient moves a scaled variable by exactly its share (weight decay off).
+        let mk = || Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+        let (a, p) = (mk(), mk());
+        let loss = (a.as_tensor() + p.as_tensor()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = BTreeMap::from([
+            ("a".to_string(), a.clone()),
+            ("projector.w".to_string(), p.clone()),
+        ]);
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.0,
+            ..c
+        });
+        opt.step(&vars, &grads, 0.1, 1.0).unwrap();
+        let moved = |v: &Var| 1.0 - f64::from(v.as_tensor().to_vec1::<f32>().unwrap()[0]);
+        assert!((moved(&a) - 0.1).abs() < 1e-6, "{}", moved(&a));
+        assert!((moved(&p) - 0.01).abs() < 1e-6, "{}", moved(&p));
+    }
+
+    #[test]
+    fn an_empty_lr_scale_stays_out_of_the_file() {
+        // Cache keys hash the config: configs without multipliers keep their old keys.
+        let json = serde_json::to_string(&AdamWConfig::default()).unwrap();
+        assert!(!json.contains("lr_scale"), "{json}");
+        let back: AdamWConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, AdamWConfig::default());
     }
 }

