@@ -178,10 +178,7 @@ impl NanoBackbone {
     /// The relevance logit of every patch of each prompt's image to its text: [sum of patches].
     pub fn relevance_logits(&self, prompts: &[Prompt]) -> Result<Tensor> {
         let mut seqs: Vec<Vec<Slot>> = prompts.iter().map(|p| self.prompt_slots(p)).collect();
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        for s in seqs.iter_mut() {
-            s.resize(t, Slot::Token(super::tokenizer::PAD));
-        }
+        pad_right(&mut seqs);
         let images: Vec<_> = prompts.iter().map(|p| p.image.as_ref()).collect();
         self.model.patch_relevance(&seqs, &images)
     }
@@ -207,6 +204,15 @@ impl NanoBackbone {
     }
 }
 
+/// Pads every sequence on the right to the longest; returns that length.
+fn pad_right(seqs: &mut [Vec<Slot>]) -> usize {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    for s in seqs.iter_mut() {
+        s.resize(t, Slot::Token(super::tokenizer::PAD));
+    }
+    t
+}
+
 impl Backbone for NanoBackbone {
     fn loss(&self, batch: &[Example], ctx: Ctx) -> Result<Tensor> {
         let mut seqs = vec![];
@@ -223,10 +229,7 @@ impl Backbone for NanoBackbone {
             s.extend(ans[..ans.len() - 1].iter().map(|&id| Slot::Token(id)));
             seqs.push(s);
         }
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        for s in seqs.iter_mut() {
-            s.resize(t, Slot::Token(super::tokenizer::PAD));
-        }
+        let t = pad_right(&mut seqs);
         let images: Vec<_> = batch.iter().map(|e| e.prompt.image.as_ref()).collect();
         let x = self.model.embed(&seqs, &images)?;
         let b = seqs.len();
