@@ -6,6 +6,7 @@ pub mod clip;
 pub mod device;
 pub mod errors;
 pub mod eval;
+pub mod instruct;
 pub mod method;
 pub mod optim;
 pub mod pretrain;

@@ -6,6 +6,7 @@
 //! A "repeat after me" part trains the embedding and head of every vocabulary word.
 
 use cnext_backbones::{Example, Prompt, Target};
+use cnext_core::TaskId;
 use cnext_datasets::classes::{render_sample, CLASS_NAMES};
 use cnext_datasets::covers::Cover;
 use cnext_datasets::rng::Rng;
@@ -13,7 +14,7 @@ use cnext_datasets::scene::{Object, Scene, Size};
 
 /// Bump whenever `example` changes what it generates: the base cache key hashes it, so a base
 /// pretrained on another mix is never reused.
-pub const MIX_VERSION: u32 = 2;
+pub const MIX_VERSION: u32 = 3;
 
 const NUMBER_WORDS: [&str; 5] = ["zero", "one", "two", "three", "four"];
 
@@ -93,7 +94,12 @@ fn img(image: image::RgbImage, text: &str, answer: String) -> Example {
 
 /// One pretraining example. `words` is the tokenizer's word list (for the repeat part).
 pub fn example(rng: &mut Rng, words: &[String]) -> Example {
-    match rng.below(9) {
+    // 9 generic skills, then one instruction-tuning kind per task (6 of 15: 40% of the mix).
+    let kind = rng.below(9 + TaskId::ALL.len());
+    if let Some(&task) = kind.checked_sub(9).and_then(|i| TaskId::ALL.get(i)) {
+        return crate::instruct::example(rng, task);
+    }
+    match kind {
         0 if !words.is_empty() => {
             let n = rng.range(2, 6);
             let text: String = (0..n).map(|_| rng.pick(words).as_str()).collect();
@@ -221,7 +227,7 @@ mod tests {
     fn a_changed_mix_must_bump_its_version() {
         // A mix that generates something else must bump MIX_VERSION (hashed into the base
         // cache key, so no base pretrained on the old mix is reused), then pin the new value.
-        const PINNED: (u32, &str) = (2, "81cda88637fa7a8b");
+        const PINNED: (u32, &str) = (3, "d569dfde22d8f3a0");
         assert_eq!(
             (MIX_VERSION, fingerprint().as_str()),
             PINNED,
