@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cnext_core::metrics::{fmt2, Metrics};
+use cnext_core::scoring::clip::ClipModel;
 use cnext_core::scoring::Compat;
 use cnext_core::{AccuracyMatrix, TaskId};
 use cnext_datasets::evaluate::{read_predictions, score_task};
@@ -135,7 +136,17 @@ enum Cmd {
         /// Image tasks: cache folder holding the scorer (default target/cnext).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Image tasks: score with this Hugging Face `CLIPModel` folder (the paper's
+        /// openai/clip-vit-base-patch32) instead of the profile's tiny scorer.
+        #[arg(long, conflicts_with = "cache")]
+        clip_model: Option<PathBuf>,
+        /// Where `--clip-model` runs: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", requires = "clip_model")]
+        clip_device: DeviceSpec,
     },
+    /// CLIP-T (image vs caption) or CLIP-I (image vs target image) of one pair, 100 x cosine,
+    /// with a Hugging Face `CLIPModel` folder.
+    ClipScore(crate::clip_cli::ClipScoreArgs),
     /// Figures and tables comparing finished runs: run folders (results.json) or multi-seed
     /// folders (summary.json).
     Report {
@@ -294,15 +305,29 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             seed,
             cache,
-        } => score(
-            task,
-            &annotations,
-            &predictions,
-            compat,
-            json,
-            per_sample,
-            || ensure_clip(&cache_dir(cache), profile, seed),
-        ),
+            clip_model,
+            clip_device,
+        } => match clip_model {
+            Some(dir) => score(
+                task,
+                &annotations,
+                &predictions,
+                compat,
+                json,
+                per_sample,
+                || crate::clip_cli::load_hf_clip(&dir, clip_device),
+            ),
+            None => score(
+                task,
+                &annotations,
+                &predictions,
+                compat,
+                json,
+                per_sample,
+                || ensure_clip(&cache_dir(cache), profile, seed),
+            ),
+        },
+        Cmd::ClipScore(args) => crate::clip_cli::clip_score_cmd(args),
         Cmd::Report { dirs, out } => cnext_suite::report::report_cmd(&dirs, out),
     }
 }
@@ -406,15 +431,16 @@ fn metrics(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Scores a prediction file; `clip` loads the CLIP-like scorer, called for image tasks only.
-fn score(
+/// Scores a prediction file; `clip` loads the CLIP-like scorer (the tiny one or a Hugging
+/// Face CLIP), called for image tasks only.
+fn score<C: ClipModel<Image = image::RgbImage>>(
     task: TaskId,
     annotations: &Path,
     predictions: &Path,
     compat: Compat,
     json: bool,
     per_sample: Option<PathBuf>,
-    clip: impl FnOnce() -> Result<cnext_harness::clip::TinyClip>,
+    clip: impl FnOnce() -> Result<C>,
 ) -> Result<()> {
     let spec = TaskSpec::of(task);
     let tests = load_test_file(annotations, task, ImageCheck::PathsOnly)?;
@@ -468,4 +494,5 @@ fn score(
 }
 
 mod bench;
+mod clip_cli;
 mod run;

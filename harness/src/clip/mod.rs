@@ -27,7 +27,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub mod hf;
+pub mod hf_config;
 mod train;
+pub use hf::{clip_score, clip_score_of_embeddings, ClipScore, HfClip, HfClipError, TextBatch};
 pub use train::{heldout_pairs, retrieval_r1, train_tiny_clip, ClipReport, ClipTrainConfig};
 
 /// Patches per image side (3x3 grid of cells).
