@@ -1,7 +1,9 @@
 //! Backbones: the [`Backbone`] trait the harness calls, and the nano Dual-to-Dual model of the
 //! mini profile (our own code, built for training). A real backbone implements the same trait.
 
+pub mod janus;
 pub mod nano;
+pub mod peft;
 
 use candle_core::{Result, Tensor, Var};
 use cnext_adapters::Ctx;
