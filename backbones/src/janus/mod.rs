@@ -13,11 +13,21 @@
 //! The language model's every linear is built through [`cnext_adapters::linear`], so every
 //! adapter kind of the harness applies to it; every op on the trainable path has a backward.
 
+pub mod aligner;
 pub mod config;
+pub mod decode;
+pub mod gen;
 pub mod llama;
+pub mod model;
+pub mod tokenizer;
+pub mod vision;
+pub mod vq;
 
 pub use config::{GenerationConfig, JanusConfig, LlamaConfig, VisionConfig, VqConfig};
+pub use decode::{CfgIds, ImageGeneration, Members, TextGeneration};
 pub use llama::{CausalLm, KvCache, LlamaModel};
+pub use model::{JanusModel, PreparedPrompt, Slot, TrainableParts};
+pub use tokenizer::JanusTokenizer;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -126,6 +136,17 @@ pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
         DType::BF16 | DType::F16 if device.is_cpu() => DType::F32,
         DType::BF16 | DType::F16 | DType::F32 => dtype,
         _ => DType::F32,
+    }
+}
+
+/// An HF activation by name (checked at config load: [`config::check_act`]).
+pub(crate) fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    match name {
+        // ACT2FN["gelu"] is the exact (erf) GELU; gelu_erf has a backward.
+        "gelu" => x.gelu_erf(),
+        "gelu_pytorch_tanh" | "gelu_new" => x.gelu(),
+        "silu" => x.silu(),
+        other => candle_core::bail!("activation {other:?} is not implemented"),
     }
 }
 
