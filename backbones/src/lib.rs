@@ -1,6 +1,7 @@
 //! Backbones: the [`Backbone`] trait the harness calls, and the nano Dual-to-Dual model of the
 //! mini profile (our own code, built for training). A real backbone implements the same trait.
 
+pub mod imageproc;
 pub mod janus;
 pub mod nano;
 pub mod peft;
