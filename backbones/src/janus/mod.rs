@@ -8,25 +8,32 @@
 //! language model ([`llama`]). Generation: the same language model predicts VQ codes through a
 //! separate head ([`gen`]); codes are fed back through their own embedding and aligner, and the
 //! VQ model ([`vq`]) decodes them to pixels (and encodes target images into codes for
-//! training). [`model`] ties it together behind the harness's [`crate::Backbone`] trait.
+//! training). [`model`] ties it together, [`decode`] runs greedy text and CFG image decoding, and
+//! [`backbone`] puts it behind the harness's [`crate::Backbone`] trait.
 //!
 //! The language model's every linear is built through [`cnext_adapters::linear`], so every
 //! adapter kind of the harness applies to it; every op on the trainable path has a backward.
 
 pub mod aligner;
+pub mod backbone;
 pub mod config;
 pub mod decode;
 pub mod gen;
 pub mod llama;
 pub mod model;
+pub mod processor;
 pub mod tokenizer;
 pub mod vision;
 pub mod vq;
 
+pub use backbone::{Guidance, JanusBackbone, JanusSettings, PromptLayout};
 pub use config::{GenerationConfig, JanusConfig, LlamaConfig, VisionConfig, VqConfig};
 pub use decode::{CfgIds, ImageGeneration, Members, TextGeneration};
 pub use llama::{CausalLm, KvCache, LlamaModel};
-pub use model::{JanusModel, PreparedPrompt, Slot, TrainableParts};
+pub use model::{
+    JanusModel, PreparedPrompt, Slot, TrainableParts, CONNECTOR_PREFIXES, GENERATION_HEAD_PREFIX,
+};
+pub use processor::{JanusImageProcessor, JanusProcessor};
 pub use tokenizer::JanusTokenizer;
 
 use candle_core::{DType, Device, Tensor};
