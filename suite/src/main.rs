@@ -136,6 +136,8 @@ enum Cmd {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
+    /// Generate text or an image from a Hugging Face Janus or LlamaForCausalLM directory.
+    Infer(crate::infer::InferArgs),
     /// Figures and tables comparing finished runs: run folders (results.json) or multi-seed
     /// folders (summary.json).
     Report {
@@ -304,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             || ensure_clip(&cache_dir(cache), profile, seed),
         ),
         Cmd::Report { dirs, out } => cnext_suite::report::report_cmd(&dirs, out),
+        Cmd::Infer(args) => crate::infer::run(args),
     }
 }
 
@@ -468,4 +471,5 @@ fn score(
 }
 
 mod bench;
+mod infer;
 mod run;

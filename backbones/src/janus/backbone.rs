@@ -174,13 +174,22 @@ impl JanusBackbone {
 
     /// Token ids and pixel values of a prompt; `image_mode` ends it with `<begin_of_image>`.
     pub fn prepare(&self, p: &Prompt, image_mode: bool) -> Result<PreparedPrompt> {
-        let ids = self
-            .processor
-            .encode(&self.prompt_text(p), &self.tokenizer, image_mode)?;
-        let images = match &p.image {
-            Some(img) => vec![self.processor.image.preprocess(img, self.model.device())?],
-            None => vec![],
-        };
+        self.prepare_raw(&self.prompt_text(p), p.image.as_slice(), image_mode)
+    }
+
+    /// Like [`Self::prepare`] for text exactly as HF `JanusProcessor` takes it (no layout
+    /// added; each placeholder expanded), with `images` in placeholder order.
+    pub fn prepare_raw(
+        &self,
+        text: &str,
+        images: &[RgbImage],
+        image_mode: bool,
+    ) -> Result<PreparedPrompt> {
+        let ids = self.processor.encode(text, &self.tokenizer, image_mode)?;
+        let images = images
+            .iter()
+            .map(|img| self.processor.image.preprocess(img, self.model.device()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(PreparedPrompt { ids, images })
     }
 
@@ -233,8 +242,18 @@ impl JanusBackbone {
             .iter()
             .map(|p| self.prepare(p, false))
             .collect::<Result<Vec<_>>>()?;
+        self.text_ids_prepared(&prepared, max_new, members)
+    }
+
+    /// Greedy text ids of prepared prompts (EOS dropped).
+    pub fn text_ids_prepared(
+        &self,
+        prepared: &[PreparedPrompt],
+        max_new: usize,
+        members: &Members,
+    ) -> Result<Vec<Vec<u32>>> {
         let g = self.model.generate_text(
-            &prepared,
+            prepared,
             max_new,
             &self.tokenizer.eos,
             self.tokenizer.pad,
@@ -249,8 +268,17 @@ impl JanusBackbone {
             .iter()
             .map(|p| self.prepare(p, true))
             .collect::<Result<Vec<_>>>()?;
+        self.image_code_ids_prepared(&prepared, members)
+    }
+
+    /// Image codes of prepared prompts (each ending with `<begin_of_image>`).
+    pub fn image_code_ids_prepared(
+        &self,
+        prepared: &[PreparedPrompt],
+        members: &Members,
+    ) -> Result<Vec<Vec<u32>>> {
         let g = self.model.generate_image(
-            &prepared,
+            prepared,
             self.guidance_scale(),
             self.cfg_ids()?,
             members,

@@ -27,6 +27,8 @@ pub mod vision;
 pub mod vq;
 
 pub use backbone::{Guidance, JanusBackbone, JanusSettings, PromptLayout};
+/// The candle types the constructors take, for callers without a candle dependency.
+pub use candle_core::{DType, Device};
 pub use config::{GenerationConfig, JanusConfig, LlamaConfig, VisionConfig, VqConfig};
 pub use decode::{CfgIds, ImageGeneration, Members, TextGeneration};
 pub use llama::{CausalLm, KvCache, LlamaModel};
@@ -34,9 +36,9 @@ pub use model::{
     JanusModel, PreparedPrompt, Slot, TrainableParts, CONNECTOR_PREFIXES, GENERATION_HEAD_PREFIX,
 };
 pub use processor::{JanusImageProcessor, JanusProcessor};
-pub use tokenizer::JanusTokenizer;
+pub use tokenizer::{JanusTokenizer, TextTokenizer};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

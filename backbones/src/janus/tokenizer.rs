@@ -181,3 +181,57 @@ impl JanusTokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// A plain `tokenizer.json` (e.g. of a `LlamaForCausalLM` directory): ids with the file's
+/// post-processor, text with special tokens skipped.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// `dir/tokenizer.json`; an error naming the file if it is missing or unreadable.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(JanusError::Io {
+                path,
+                src: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| JanusError::Tokenizer {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(TextTokenizer { inner, path })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| JanusError::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot encode {text:?}: {e}"),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| JanusError::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot decode: {e}"),
+            })
+    }
+}
