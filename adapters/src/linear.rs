@@ -51,6 +51,9 @@ impl Adapter {
     /// The adapter's contribution for input `x` (router input) and `xin` (`x` after dropout).
     fn forward(&self, x: &Tensor, xin: &Tensor) -> Result<Tensor> {
         let (a, b) = self.stacked()?;
+        // Adapters stay in their own dtype (f32) over a base of another one (bf16): the input
+        // is cast in and the caller casts the delta back (no-ops when the dtypes agree).
+        let (x, xin) = (&x.to_dtype(a.dtype())?, &xin.to_dtype(a.dtype())?);
         let mut h = xin.broadcast_matmul(&a.t()?)?;
         if let Some(r) = &self.router {
             // Token-level gate from the undropped input (CoIN's MoELoRA drops out only the
@@ -230,7 +233,7 @@ impl Linear {
             } else {
                 x.clone()
             };
-            y = (y + a.forward(x, &xin)?)?;
+            y = (&y + a.forward(x, &xin)?.to_dtype(y.dtype())?)?;
         }
         Ok(y)
     }

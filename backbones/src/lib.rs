@@ -2,7 +2,9 @@
 //! mini profile (our own code, built for training). A real backbone implements the same trait.
 
 pub mod imageproc;
+pub mod janus;
 pub mod nano;
+pub mod peft;
 
 use candle_core::{Result, Tensor, Var};
 use cnext_adapters::Ctx;

@@ -147,6 +147,8 @@ enum Cmd {
     /// CLIP-T (image vs caption) or CLIP-I (image vs target image) of one pair, 100 x cosine,
     /// with a Hugging Face `CLIPModel` folder.
     ClipScore(crate::clip_cli::ClipScoreArgs),
+    /// Generate text or an image from a Hugging Face Janus or LlamaForCausalLM directory.
+    Infer(crate::infer::InferArgs),
     /// Figures and tables comparing finished runs: run folders (results.json) or multi-seed
     /// folders (summary.json).
     Report {
@@ -329,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::ClipScore(args) => crate::clip_cli::clip_score_cmd(args),
         Cmd::Report { dirs, out } => cnext_suite::report::report_cmd(&dirs, out),
+        Cmd::Infer(args) => crate::infer::run(args),
     }
 }
 
@@ -495,4 +498,5 @@ fn score<C: ClipModel<Image = image::RgbImage>>(
 
 mod bench;
 mod clip_cli;
+mod infer;
 mod run;
