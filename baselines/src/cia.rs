@@ -132,8 +132,8 @@ impl Method for Cia {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(&self.cfg)
     }
     fn shares_first_stage(&self) -> bool {
         // The paper's protocol: stage 1 is plain training; DEMA starts with stage 2 (with no

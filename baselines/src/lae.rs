@@ -84,8 +84,8 @@ impl Method for Lae {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(&self.cfg)
     }
     fn shares_first_stage(&self) -> bool {
         // Stage 1 is plain training; its end only copies the adapter.

@@ -20,8 +20,8 @@ impl Method for Lora {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> serde_json::Value {
-        serde_json::json!({})
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+        Ok(serde_json::json!({}))
     }
     fn shares_first_stage(&self) -> bool {
         true

@@ -217,8 +217,8 @@ impl Method for Mage {
     fn id(&self) -> &'static str {
         self.id
     }
-    fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(&self.cfg)
     }
     fn adapters(&mut self, lora: &LoraConfig, seed: u64) -> AdapterPlan {
         AdapterPlan::experts(lora.clone(), self.cfg.experts, seed)

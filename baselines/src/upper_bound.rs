@@ -18,8 +18,8 @@ impl Method for UpperBound {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> serde_json::Value {
-        serde_json::json!({})
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+        Ok(serde_json::json!({}))
     }
     fn schedule(&self) -> Schedule {
         Schedule::Joint

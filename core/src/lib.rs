@@ -2,6 +2,7 @@
 //! their modalities, task orders, the accuracy matrix, the per-task scorers and the pure metric
 //! functions. Nothing here loads data or models.
 
+mod exact;
 pub mod matrix;
 pub mod metrics;
 pub mod rng;

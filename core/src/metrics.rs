@@ -6,19 +6,28 @@
 //! computed (a needed cell is missing, too few stages, or a diagonal-based metric of a joint
 //! matrix), never 0 for "not applicable".
 
+use crate::exact::DecimalSum;
 use crate::matrix::AccuracyMatrix;
 use crate::task::{Modality, TaskId};
 use serde::{Deserialize, Serialize};
 
-/// Mean of the values, `None` if any is missing or there are none.
+/// Mean of the values (summed exactly as decimals, `crate::exact`), `None` if any is missing
+/// or there are none.
 fn mean_of<I: IntoIterator<Item = Option<f64>>>(cells: I) -> Option<f64> {
-    let mut sum = 0.0;
+    mean_of_diffs(cells.into_iter().map(|c| c.map(|v| (v, 0.0))))
+}
+
+/// Mean of `a - b` over the pairs, the differences taken exactly too.
+fn mean_of_diffs<I: IntoIterator<Item = Option<(f64, f64)>>>(pairs: I) -> Option<f64> {
+    let mut sum = DecimalSum::default();
     let mut n = 0usize;
-    for c in cells {
-        sum += c?;
+    for p in pairs {
+        let (a, b) = p?;
+        sum.add(a);
+        sum.sub(b);
         n += 1;
     }
-    (n > 0).then(|| sum / n as f64)
+    (n > 0).then(|| sum.mean(n))
 }
 
 /// Mean of `a[j][0..=j]`: the Avg.ACC of the matrix as it stood after stage `j`.
@@ -54,18 +63,18 @@ fn forgetting_stages(m: &AccuracyMatrix) -> Option<usize> {
 /// from the accuracy right after learning each earlier task.
 pub fn forgetting(m: &AccuracyMatrix) -> Option<f64> {
     let t = forgetting_stages(m)?;
-    mean_of((0..t - 1).map(|i| Some(m.get(i, i)? - m.get(t - 1, i)?)))
+    mean_of_diffs((0..t - 1).map(|i| Some((m.get(i, i)?, m.get(t - 1, i)?))))
 }
 
 /// Chaudhry et al.'s forgetting: for each `i < T-1`, the best accuracy over stages `i..T-1`
 /// (learned, not yet final) minus the final accuracy, averaged. Every cell in the range is needed.
 pub fn max_forgetting(m: &AccuracyMatrix) -> Option<f64> {
     let t = forgetting_stages(m)?;
-    mean_of((0..t - 1).map(|i| {
+    mean_of_diffs((0..t - 1).map(|i| {
         let best = (i..t - 1)
             .map(|j| m.get(j, i))
             .try_fold(f64::NEG_INFINITY, |acc, c| c.map(|v| acc.max(v)))?;
-        Some(best - m.get(t - 1, i)?)
+        Some((best, m.get(t - 1, i)?))
     }))
 }
 
@@ -222,15 +231,18 @@ pub fn avg_error_type(rates: &ErrorTypeRates, kind: ErrorType) -> Option<f64> {
         return None;
     }
     let cell = |j: usize, i: usize| x.get(j).and_then(|r| r.get(i)).copied().flatten();
-    let mut sum = 0.0;
+    let mut sum = DecimalSum::default();
     for (i, task) in rates.tasks.iter().enumerate().take(t - 1) {
         match (cell(t - 1, i), cell(i, i)) {
-            (Some(last), Some(learned)) => sum += last - learned,
+            (Some(last), Some(learned)) => {
+                sum.add(last);
+                sum.sub(learned);
+            }
             (None, None) if task.output() == Modality::Image => {}
             _ => return None,
         }
     }
-    Some(sum / (t - 1) as f64)
+    Some(sum.mean(t - 1))
 }
 
 /// Rounds to two decimals, half away from zero on the decimal value `x` prints as (its shortest
@@ -292,7 +304,7 @@ pub fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
         return None;
     }
     let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
+    let mean = crate::exact::mean(values)?;
     if values.len() == 1 {
         return Some((mean, 0.0));
     }
@@ -371,6 +383,36 @@ mod tests {
         assert_close(m.text_avg, 72.5); // (60 + 85) / 2
         assert_close(m.image_avg, 50.0); // flickr30k
         assert_eq!(m.rounded().new_acc, Some(73.33));
+    }
+
+    /// MAGE's final row in the paper (default order): Avg.ACC 49.575 is printed 49.58.
+    #[test]
+    fn published_means_round_half_away_on_the_decimal_value() {
+        let s = Some;
+        let mut rows: Vec<Vec<Option<f64>>> = (0..5)
+            .map(|j| (0..6).map(|i| (i <= j).then_some(50.0)).collect())
+            .collect();
+        rows.push(vec![
+            s(45.42),
+            s(68.02),
+            s(31.44),
+            s(27.28),
+            s(34.10),
+            s(91.19),
+        ]);
+        let refs: Vec<&[Option<f64>]> = rows.iter().map(Vec::as_slice).collect();
+        let m = Metrics::of(&matrix(&TaskId::ALL, &refs));
+        assert_eq!(m.avg_acc, Some(49.575));
+        assert_eq!(m.rounded().avg_acc, Some(49.58));
+        assert_eq!(fmt2(m.avg_acc.unwrap()), "49.58");
+        // Forgetting over the same cells: (5*50 - (45.42+68.02+31.44+27.28+34.10)) / 5 = 8.748.
+        assert_eq!(m.forgetting, Some(8.748));
+        assert_eq!(
+            mean_std(&[45.42, 68.02, 31.44, 27.28, 34.10, 91.19])
+                .unwrap()
+                .0,
+            49.575
+        );
     }
 
     #[test]

@@ -57,10 +57,23 @@ pub struct Prediction {
 
 /// Reads `merge.jsonl`, rejecting malformed lines and duplicate ids (both named by line).
 pub fn read_predictions(path: &Path) -> Result<BTreeMap<QuestionId, Prediction>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+    let bytes = std::fs::read(path).map_err(|source| EvalError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    let text = crate::loader::decode_text(bytes).map_err(|(line, msg)| EvalError::Line {
+        path: path.to_path_buf(),
+        line,
+        msg,
+    })?;
+    parse_predictions(&text, path)
+}
+
+/// Parses the text of prediction file `path` (named in errors).
+pub fn parse_predictions(
+    text: &str,
+    path: &Path,
+) -> Result<BTreeMap<QuestionId, Prediction>, EvalError> {
     let mut out: BTreeMap<QuestionId, Prediction> = BTreeMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;

@@ -53,8 +53,10 @@ pub struct QuestionRecord {
     pub answers: Option<Vec<String>>,
 }
 
-/// Grounding test record: question keys plus the image size, the pixel box `[x, y, w, h]` and
-/// the normalised box string `"[x1,y1,x2,y2]"`.
+/// Grounding test record: question keys plus the image size `[w, h]`, `origin_answer_bbox` (the
+/// target box in pixels, `[x, y, w, h]`: top-left corner, width, height) and `answer_bbox` (the
+/// same box normalised to corners in [0, 1], `[x1, y1, x2, y2]`, the answer the model must
+/// print). Public copies write either box as a JSON array or as a string holding one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroundingRecord {
@@ -63,8 +65,95 @@ pub struct GroundingRecord {
     pub text: String,
     pub answer: String,
     pub size: [u32; 2],
-    pub origin_answer_bbox: [f64; 4],
-    pub answer_bbox: String,
+    pub origin_answer_bbox: BoxField,
+    pub answer_bbox: BoxField,
+}
+
+/// A box field as the files write it: `[0, 0, 1, 1]` or `"[0,0,1,1]"`. Kept in its own form, so
+/// a file round-trips unchanged; [`BoxField::values`] reads the four numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BoxField {
+    Numbers(Vec<f64>),
+    Text(String),
+}
+
+impl BoxField {
+    /// The four numbers, all finite, or what is wrong with them.
+    pub fn values(&self) -> Result<[f64; 4], String> {
+        let v = match self {
+            BoxField::Numbers(v) => v.clone(),
+            BoxField::Text(s) => {
+                let inner = s
+                    .trim()
+                    .strip_prefix('[')
+                    .and_then(|t| t.strip_suffix(']'))
+                    .ok_or_else(|| format!("{s:?} is not a bracketed list"))?;
+                inner
+                    .split(',')
+                    .map(|p| p.trim().parse::<f64>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| format!("{s:?} is not a list of numbers"))?
+            }
+        };
+        let b: [f64; 4] = v
+            .try_into()
+            .map_err(|v: Vec<f64>| format!("has {} numbers, expected 4", v.len()))?;
+        if b.iter().any(|x| !x.is_finite()) {
+            return Err(format!("{b:?} is not finite"));
+        }
+        Ok(b)
+    }
+
+    /// The box as the answer text the model prints: a string field as written, an array as
+    /// `[x1,y1,x2,y2]` with no spaces (the generated and official form).
+    pub fn answer_text(&self) -> String {
+        match self {
+            BoxField::Text(s) => s.clone(),
+            BoxField::Numbers(v) => {
+                let parts: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+                format!("[{}]", parts.join(","))
+            }
+        }
+    }
+}
+
+impl Serialize for BoxField {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BoxField::Numbers(v) => v.serialize(s),
+            BoxField::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BoxField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BoxField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a box: an array of four numbers or a string such as \"[0,0,1,1]\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BoxField, E> {
+                Ok(BoxField::Text(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<BoxField, A::Error> {
+                let mut v = Vec::with_capacity(4);
+                while let Some(x) = a.next_element::<f64>()? {
+                    // Four is all a box has; stop a hostile file early.
+                    if v.len() == 16 {
+                        return Err(serde::de::Error::invalid_length(17, &self));
+                    }
+                    v.push(x);
+                }
+                Ok(BoxField::Numbers(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Text-to-image test record.

@@ -51,7 +51,18 @@ pub enum DataError {
     CorruptImage { path: PathBuf, msg: String },
     #[error("{path}: no samples")]
     Empty { path: PathBuf },
+    #[error("{path}: image is {width}x{height} pixels, over the limit of {limit} (refused before decoding)")]
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        limit: u64,
+    },
 }
+
+/// The most pixels an image may have before it is decoded (a 12k x 12k PNG of a few KB would
+/// otherwise ask for 432 MB). Real Continual-NExT images are at most a few megapixels.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 
 /// One (prompt, answer) turn; the prompt already carries the task's instruction.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,11 +85,33 @@ pub enum TrainItem {
     },
 }
 
+impl TrainItem {
+    /// The image files the item reads (inputs and targets).
+    pub fn images(&self) -> Vec<&Path> {
+        match self {
+            TrainItem::Conversation { image, .. } => vec![image],
+            TrainItem::TextToImage { target, .. } => vec![target],
+            TrainItem::Edit { source, target, .. } => vec![source, target],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSample {
     /// 1-based line in the train file, for error messages.
     pub line: usize,
     pub item: TrainItem,
+}
+
+impl TestItem {
+    /// The image files the item reads (inputs and references).
+    pub fn images(&self) -> Vec<&Path> {
+        match self {
+            TestItem::Question { image, .. } | TestItem::Grounding { image, .. } => vec![image],
+            TestItem::TextToImage { .. } => vec![],
+            TestItem::Edit { source, target, .. } => vec![source, target],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,24 +204,67 @@ pub fn safe_join(root: &Path, rel: &str, file: &Path, line: usize) -> Result<Pat
     Ok(root.join(p))
 }
 
-/// Decodes an image to RGB with an error naming the file.
+/// Decodes an image to RGB with an error naming the file, refusing one over
+/// [`DEFAULT_MAX_PIXELS`].
 pub fn load_image(path: &Path) -> Result<RgbImage, DataError> {
+    load_image_limited(path, DEFAULT_MAX_PIXELS)
+}
+
+/// [`load_image`] with a pixel limit: the header is read first and an image with more than
+/// `max_pixels` pixels is refused without decoding it.
+pub fn load_image_limited(path: &Path, max_pixels: u64) -> Result<RgbImage, DataError> {
     let bytes = fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    image::load_from_memory(&bytes)
-        .map(|i| i.to_rgb8())
-        .map_err(|e| DataError::CorruptImage {
+    let corrupt = |e: image::ImageError| DataError::CorruptImage {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(&bytes))
+            .with_guessed_format()
+            .map_err(|e| corrupt(image::ImageError::IoError(e)))
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(corrupt)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(DataError::TooLarge {
             path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    reader()?.decode().map(|i| i.to_rgb8()).map_err(corrupt)
 }
 
 fn read(path: &Path) -> Result<String, DataError> {
-    fs::read_to_string(path).map_err(|source| DataError::Io {
+    let bytes = fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
+    })?;
+    decode_text(bytes).map_err(|(line, msg)| invalid(path, line, msg))
+}
+
+/// A text file's contents: UTF-8, a leading byte-order mark dropped (Windows tools write one).
+/// Invalid UTF-8 is `(line, message)`, the line of the first bad byte.
+pub fn decode_text(mut bytes: Vec<u8>) -> Result<String, (usize, String)> {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..at].iter().filter(|b| **b == b'\n').count();
+        let col = at
+            - bytes[..at]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1);
+        (
+            line,
+            format!("invalid UTF-8 at byte {} of the line", col + 1),
+        )
     })
 }
 
@@ -210,7 +286,13 @@ fn non_empty(s: &str, what: &str, path: &Path, line: usize) -> Result<(), DataEr
 /// Loads `<dir>/train.jsonl` of `task`.
 pub fn load_train(dir: &Path, task: TaskId) -> Result<Vec<TrainSample>, DataError> {
     let path = dir.join("train.jsonl");
-    let text = read(&path)?;
+    parse_train(&read(&path)?, &path, task)
+}
+
+/// Parses the text of train file `path` (images relative to its folder, which must exist).
+pub fn parse_train(text: &str, path: &Path, task: TaskId) -> Result<Vec<TrainSample>, DataError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let path = path.to_path_buf();
     let layout = TaskSpec::of(task).train_layout;
     let mut out = vec![];
     for (i, raw) in text.lines().enumerate() {
@@ -294,15 +376,14 @@ fn conversation_item(
 }
 
 /// Parses the normalised box string `"[x1,y1,x2,y2]"` of a grounding record.
-fn parse_gt_box(s: &str) -> Option<[f64; 4]> {
-    let inner = s.trim().strip_prefix('[')?.strip_suffix(']')?;
-    let v: Vec<f64> = inner
-        .split(',')
-        .map(|p| p.trim().parse::<f64>().ok().filter(|x| x.is_finite()))
-        .collect::<Option<_>>()?;
-    let b: [f64; 4] = v.try_into().ok()?;
-    let in_unit = b.iter().all(|x| (0.0..=1.0).contains(x));
-    (in_unit && b[0] <= b[2] && b[1] <= b[3]).then_some(b)
+fn check_corners(b: [f64; 4]) -> Result<[f64; 4], String> {
+    if !b.iter().all(|x| (0.0..=1.0).contains(x)) {
+        return Err(format!("{b:?} is not inside [0, 1]"));
+    }
+    if !(b[0] < b[2] && b[1] < b[3]) {
+        return Err(format!("{b:?} does not have x1 < x2 and y1 < y2"));
+    }
+    Ok(b)
 }
 
 /// Whether loading a test file checks that its images exist (scoring text predictions needs
@@ -324,11 +405,20 @@ pub fn load_test_file(
     task: TaskId,
     check: ImageCheck,
 ) -> Result<Vec<TestSample>, DataError> {
+    parse_test(&read(file)?, file, task, check)
+}
+
+/// Parses the text of test file `file` (image paths relative to its folder).
+pub fn parse_test(
+    text: &str,
+    file: &Path,
+    task: TaskId,
+    check: ImageCheck,
+) -> Result<Vec<TestSample>, DataError> {
     let path = file.to_path_buf();
     let dir = &file.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let text = read(&path)?;
     let values: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| DataError::Json {
+        serde_json::from_str(text).map_err(|e| DataError::Json {
             path: path.clone(),
             line: e.line(),
             msg: e.to_string(),
@@ -402,34 +492,39 @@ fn test_item(
         TestLayout::Grounding => {
             let r: GroundingRecord = parse(v, path, line)?;
             non_empty(&r.text, "text", path, line)?;
-            let Some(bbox) = parse_gt_box(&r.answer_bbox) else {
-                return Err(invalid(
-                    path,
-                    line,
-                    format!(
-                        "`answer_bbox` {:?} is not [x1,y1,x2,y2] in [0,1]",
-                        r.answer_bbox
-                    ),
-                ));
-            };
+            let bbox = r
+                .answer_bbox
+                .values()
+                .and_then(check_corners)
+                .map_err(|e| {
+                    invalid(
+                        path,
+                        line,
+                        format!("`answer_bbox` must be normalised corners [x1,y1,x2,y2]: {e}"),
+                    )
+                })?;
             if r.size.contains(&0) {
                 return Err(invalid(path, line, "`size` must be positive [w, h]"));
             }
-            if r.origin_answer_bbox
-                .iter()
-                .any(|x| !x.is_finite() || *x < 0.0)
-            {
+            let pixel = r.origin_answer_bbox.values().map_err(|e| {
+                invalid(
+                    path,
+                    line,
+                    format!("`origin_answer_bbox` [x, y, w, h]: {e}"),
+                )
+            })?;
+            if pixel.iter().any(|x| *x < 0.0) {
                 return Err(invalid(
                     path,
                     line,
-                    "`origin_answer_bbox` must be finite [x, y, w, h] >= 0",
+                    format!("`origin_answer_bbox` {pixel:?} must be [x, y, w, h] >= 0"),
                 ));
             }
             let image = resolve_image(&r.image, path, line)?;
             let item = TestItem::Grounding {
                 image,
                 text: r.text,
-                answer: r.answer_bbox,
+                answer: r.answer_bbox.answer_text(),
                 size: r.size,
                 bbox,
             };

@@ -4,8 +4,8 @@
 use crate::classes::{render_sample, CLASS_NAMES};
 use crate::covers::Cover;
 use crate::formats::{
-    CaptionRecord, ConversationRecord, EditRecord, EditTestRecord, GroundingRecord, QuestionId,
-    QuestionRecord,
+    BoxField, CaptionRecord, ConversationRecord, EditRecord, EditTestRecord, GroundingRecord,
+    QuestionId, QuestionRecord,
 };
 use crate::rng::Rng;
 use crate::scene::{small_positions, Object, Scene, SCENE_PX};
@@ -314,8 +314,8 @@ pub fn test_sample(task: TaskId, i: usize, qid: u64, rng: &mut Rng) -> (TestReco
                 text: spec.question_text(&e),
                 answer: b.clone(),
                 size: [SCENE_PX, SCENE_PX],
-                origin_answer_bbox: pixel,
-                answer_bbox: b,
+                origin_answer_bbox: BoxField::Numbers(pixel.to_vec()),
+                answer_bbox: BoxField::Text(b),
             });
             (rec, vec![(img, s.render())])
         }

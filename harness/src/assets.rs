@@ -99,6 +99,8 @@ pub enum AssetError {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("base key: config cannot be serialised: {0}")]
+    Key(String),
 }
 
 /// A loaded base.
@@ -167,11 +169,17 @@ pub fn ensure_base(
         1 => String::new(),
         v => format!("|mix{v}"),
     };
+    // The base is keyed by the data it learns from: no manifest, no key (a default here
+    // would give every data root one base).
+    let manifest = data_root.join("manifest.json");
+    let manifest_text = std::fs::read_to_string(&manifest).map_err(|source| AssetError::Io {
+        path: manifest.clone(),
+        source,
+    })?;
+    let cfg_text = serde_json::to_string(cfg).map_err(|e| AssetError::Key(e.to_string()))?;
     let key = fnv_hex(&format!(
-        "{}|{}|{}{mix}",
-        serde_json::to_string(cfg).unwrap_or_default(),
+        "{cfg_text}|{}|{manifest_text}{mix}",
         env!("CARGO_PKG_VERSION"),
-        std::fs::read_to_string(data_root.join("manifest.json")).unwrap_or_default()
     ));
     let dir = cache
         .join("base")
@@ -272,4 +280,27 @@ fn build(
         stats.first_loss,
         stats.last_loss,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data root without `manifest.json` has no base key: an error naming the file, and
+    /// nothing is built or written to the cache.
+    #[test]
+    fn a_missing_manifest_is_a_key_error_not_an_empty_key() {
+        let cache = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let cfg = BaseConfig::smoke(0);
+        let err = ensure_base(cache.path(), data.path(), &cfg, &Device::Cpu, false)
+            .err()
+            .expect("no manifest, no base");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("manifest.json") && matches!(err, AssetError::Io { .. }),
+            "{msg}"
+        );
+        assert!(!cache.path().join("base").exists());
+    }
 }

@@ -77,7 +77,7 @@ pub trait Method: Hooks + Send {
     /// Lowercase registry id (`lora`, `ewc`, ...).
     fn id(&self) -> &'static str;
     /// The method's knobs as JSON (cache key, results.json).
-    fn config(&self) -> serde_json::Value;
+    fn config(&self) -> Result<serde_json::Value, serde_json::Error>;
     fn schedule(&self) -> Schedule {
         Schedule::Sequential
     }
@@ -161,7 +161,9 @@ impl MethodEntry {
         if overrides.is_empty() {
             return Ok(self.factory());
         }
-        let mut cfg = (self.new)().config();
+        let mut cfg = (self.new)()
+            .config()
+            .map_err(|e| format!("{}: default config: {e}", self.id))?;
         for (path, value) in overrides {
             let mut at = &mut cfg;
             for key in path.split('.') {
@@ -192,10 +194,13 @@ impl MethodEntry {
     /// The overrides that turn the default config into `cfg`, the inverse of
     /// [`MethodEntry::with_overrides`]: the dotted path of every leaf of `cfg` that differs from
     /// (or is absent in) the default. Empty for the default config (reports name runs by it).
-    pub fn overrides_of(&self, cfg: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    pub fn overrides_of(
+        &self,
+        cfg: &serde_json::Value,
+    ) -> Result<BTreeMap<String, serde_json::Value>, serde_json::Error> {
         let mut out = BTreeMap::new();
-        config_diff(&(self.new)().config(), cfg, "", &mut out);
-        out
+        config_diff(&(self.new)().config()?, cfg, "", &mut out);
+        Ok(out)
     }
 }
 

@@ -82,6 +82,9 @@ pub enum RunError {
     },
     #[error("stage cache: {0}")]
     Stage(String),
+    /// A cache key input that cannot be computed (never replaced by a default).
+    #[error("stage cache key: {0}")]
+    Key(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,7 +204,9 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
     }
     let result = RunResult {
         method: method.id().to_string(),
-        method_config: method.config(),
+        method_config: method
+            .config()
+            .map_err(|e| RunError::Key(format!("{}: method config: {e}", method.id())))?,
         config: cfg.clone(),
         metrics: Metrics::of(&matrix).rounded(),
         stages: records.iter().map(|r| r.stats.clone()).collect(),

@@ -210,7 +210,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     }
 
     /// The key inputs of stage `k` (1-based) and its entry folder name.
-    fn key(&self, k: usize) -> (serde_json::Value, String) {
+    fn key(&self, k: usize) -> Result<(serde_json::Value, String), RunError> {
         let m = self.method();
         let order = self.cfg.order.tasks();
         let trained_by = if self.shared(k) {
@@ -219,7 +219,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             m.id().to_string()
         };
         let prev = if k > 1 {
-            self.key(k - 1).1
+            self.key(k - 1)?.1
         } else {
             String::new()
         };
@@ -230,7 +230,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             "data": self.data_key,
             "clip": self.clip_key,
             "method": trained_by,
-            "method_config": if self.shared(k) { serde_json::Value::Null } else { m.config() },
+            "method_config": if self.shared(k) {
+                serde_json::Value::Null
+            } else {
+                m.config().map_err(|e| RunError::Key(format!("{}: method config: {e}", m.id())))?
+            },
             "schedule": format!("{:?}", m.schedule()),
             "lora": self.cfg.lora,
             "train": self.cfg.stage,
@@ -256,7 +260,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             trained_by.replace(':', "-"),
             sha16(&inputs)
         );
-        (inputs, name)
+        Ok((inputs, name))
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -279,7 +283,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     }
 
     fn load(&self, k: usize) -> Result<Option<StageEntry>, RunError> {
-        let (_, name) = self.key(k);
+        let (_, name) = self.key(k)?;
         let dir = self.dir(&name);
         let path = dir.join("entry.json");
         if !path.exists() {
@@ -304,7 +308,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         if let Some(e) = self.load(k)? {
             return Ok((e, None));
         }
-        let (inputs, name) = self.key(k);
+        let (inputs, name) = self.key(k)?;
         let locks = self.cache.join("stages").join(".locks");
         let _lock = lock_exclusive(&locks, &name)
             .map_err(|(path, source)| RunError::Io { path, source })?;

@@ -370,6 +370,25 @@ fn check(root: &Path) -> Result<()> {
         let dir = root.join(task.as_str());
         let train = load_train(&dir, task)?;
         let test = load_test_file(&dir.join("test.json"), task, ImageCheck::Resolve)?;
+        // Every image decodes (and is within the pixel limit) before hours of training.
+        let train_file = dir.join("train.jsonl");
+        let test_file = dir.join("test.json");
+        let images = train
+            .iter()
+            .flat_map(|s| {
+                s.item
+                    .images()
+                    .into_iter()
+                    .map(|p| (&train_file, s.line, p))
+            })
+            .chain(
+                test.iter()
+                    .flat_map(|s| s.item.images().into_iter().map(|p| (&test_file, s.line, p))),
+            );
+        for (file, line, image) in images {
+            cnext_datasets::load_image(image)
+                .with_context(|| format!("{}:{line}: image", file.display()))?;
+        }
         table.add_row([
             task.to_string(),
             train.len().to_string(),

@@ -218,7 +218,12 @@ fn snapshot_of(name: &TestName, method: &MethodEntry) -> Result<Snapshot, String
         "device".into(),
         serde_json::json!(cnext_harness::run::device_name(&c.base.device)),
     );
-    prov.insert("method_config".into(), (method.new)().config());
+    prov.insert(
+        "method_config".into(),
+        (method.new)()
+            .config()
+            .map_err(|e| format!("{}: method config: {e}", method.id))?,
+    );
     prov.insert(
         "train".into(),
         serde_json::json!({

@@ -25,6 +25,26 @@ fn write(path: &Path, body: &str) {
     std::fs::write(path, body).unwrap();
 }
 
+/// The paper's MAGE final row (45.42 .. 91.19) has Avg.ACC 49.575, published as 49.58.
+#[test]
+fn metrics_round_the_published_mean_as_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("m.csv");
+    let mut body = String::from("vqav2,imagenet,flickr30k,ocrvqa,refcoco,hqedit\n");
+    for j in 0..5 {
+        let row: Vec<&str> = (0..6).map(|i| if i <= j { "50" } else { "-" }).collect();
+        body += &(row.join(",") + "\n");
+    }
+    body += "45.42,68.02,31.44,27.28,34.10,91.19\n";
+    write(&csv, &body);
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["avg_acc"], serde_json::json!(49.58));
+    let o = cnext(&["metrics", "--matrix", csv.to_str().unwrap()]);
+    assert!(stdout(&o).contains("49.58"), "{}", stdout(&o));
+}
+
 #[test]
 fn metrics_prints_table_and_json_and_names_bad_lines() {
     let tmp = tempfile::tempdir().unwrap();

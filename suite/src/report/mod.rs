@@ -89,7 +89,7 @@ impl Input {
                 order: r.config.order,
                 seeds: vec![r.config.seed],
                 matrix: r.matrix.clone(),
-                overrides: overrides_of(&r),
+                overrides: overrides_of(&r)?,
                 runs: vec![r],
                 summary: None,
                 label: String::new(),
@@ -131,7 +131,7 @@ impl Input {
             order: s.order,
             seeds: s.seeds.clone(),
             matrix: s.mean_matrix.clone(),
-            overrides: overrides_of(&runs[0]),
+            overrides: overrides_of(&runs[0])?,
             runs,
             summary: Some(s),
             label: String::new(),
@@ -201,11 +201,15 @@ impl Input {
     }
 }
 
-/// The run's `--set` overrides, recovered from its stored method config.
-fn overrides_of(r: &RunResult) -> BTreeMap<String, serde_json::Value> {
-    cnext_baselines::find(&r.method)
-        .map(|e| e.overrides_of(&r.method_config))
-        .unwrap_or_default()
+/// The run's `--set` overrides, recovered from its stored method config; none for a method
+/// this build does not know (its label is then the bare id).
+fn overrides_of(r: &RunResult) -> Result<BTreeMap<String, serde_json::Value>> {
+    match cnext_baselines::find(&r.method) {
+        Some(e) => e
+            .overrides_of(&r.method_config)
+            .with_context(|| format!("{}: default config", r.method)),
+        None => Ok(BTreeMap::new()),
+    }
 }
 
 /// Reads and parses a JSON file; errors name the file.
