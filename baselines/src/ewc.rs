@@ -103,7 +103,7 @@ impl Method for Ewc {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+    fn config(&self) -> std::result::Result<serde_json::Value, serde_json::Error> {
         serde_json::to_value(&self.cfg)
     }
     fn shares_first_stage(&self) -> bool {

@@ -47,7 +47,7 @@ impl Method for MoeLora {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+    fn config(&self) -> std::result::Result<serde_json::Value, serde_json::Error> {
         serde_json::to_value(&self.cfg)
     }
     fn adapters(&mut self, lora: &LoraConfig, seed: u64) -> AdapterPlan {

@@ -19,7 +19,7 @@ impl Method for ZeroShot {
     fn id(&self) -> &'static str {
         ENTRY.id
     }
-    fn config(&self) -> Result<serde_json::Value, serde_json::Error> {
+    fn config(&self) -> std::result::Result<serde_json::Value, serde_json::Error> {
         Ok(serde_json::json!({}))
     }
     fn schedule(&self) -> Schedule {

@@ -6,11 +6,40 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A question id as the official files write it: a number or a string.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(untagged)]
 pub enum QuestionId {
     Int(u64),
     Str(String),
+}
+
+/// By hand rather than `untagged`, so a bad id says what an id is instead of "data did not
+/// match any variant".
+impl<'de> Deserialize<'de> for QuestionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = QuestionId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a question_id: a non-negative integer or a string")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<QuestionId, E> {
+                Ok(QuestionId::Int(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<QuestionId, E> {
+                u64::try_from(v)
+                    .map(QuestionId::Int)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<QuestionId, E> {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<QuestionId, E> {
+                Ok(QuestionId::Str(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl fmt::Display for QuestionId {

@@ -77,7 +77,7 @@ pub trait Method: Hooks + Send {
     /// Lowercase registry id (`lora`, `ewc`, ...).
     fn id(&self) -> &'static str;
     /// The method's knobs as JSON (cache key, results.json).
-    fn config(&self) -> Result<serde_json::Value, serde_json::Error>;
+    fn config(&self) -> std::result::Result<serde_json::Value, serde_json::Error>;
     fn schedule(&self) -> Schedule {
         Schedule::Sequential
     }
@@ -197,7 +197,7 @@ impl MethodEntry {
     pub fn overrides_of(
         &self,
         cfg: &serde_json::Value,
-    ) -> Result<BTreeMap<String, serde_json::Value>, serde_json::Error> {
+    ) -> std::result::Result<BTreeMap<String, serde_json::Value>, serde_json::Error> {
         let mut out = BTreeMap::new();
         config_diff(&(self.new)().config()?, cfg, "", &mut out);
         Ok(out)
