@@ -84,9 +84,14 @@ mod tests {
         // stage keys) as `new`.
         for e in ALL {
             let default = (e.new)();
-            let configured = (e.configure)(default.config()).unwrap()();
+            let configured = (e.configure)(default.config().unwrap()).unwrap()();
             assert_eq!(configured.id(), e.id);
-            assert_eq!(configured.config(), default.config(), "{}", e.id);
+            assert_eq!(
+                configured.config().unwrap(),
+                default.config().unwrap(),
+                "{}",
+                e.id
+            );
         }
     }
 
@@ -106,16 +111,23 @@ mod tests {
                 serde_json::json!("faithful"),
             )]))
             .unwrap();
-        let cfg = f().config();
+        let cfg = f().config().unwrap();
         assert_eq!(cfg["averaging"]["pema"]["alpha_policy"], "faithful");
         assert_eq!(cfg["experts"], 4, "other fields keep their defaults");
         let wanted = set(&[
             ("averaging.pema.alpha_policy", serde_json::json!("faithful")),
             ("averaging.pema.lambda", serde_json::json!(0.001)),
         ]);
-        let two = mage.with_overrides(&wanted).unwrap()().config();
-        assert_eq!(mage.overrides_of(&two), wanted, "overrides_of inverts");
-        assert!(mage.overrides_of(&mage.factory()().config()).is_empty());
+        let two = mage.with_overrides(&wanted).unwrap()().config().unwrap();
+        assert_eq!(
+            mage.overrides_of(&two).unwrap(),
+            wanted,
+            "overrides_of inverts"
+        );
+        assert!(mage
+            .overrides_of(&mage.factory()().config().unwrap())
+            .unwrap()
+            .is_empty());
         let e = mage
             .with_overrides(&set(&[("expert", serde_json::json!(2))]))
             .err()
@@ -142,6 +154,6 @@ mod tests {
         let f = ewc
             .with_overrides(&set(&[("lambda", serde_json::json!(500.0))]))
             .unwrap();
-        assert_eq!(f().config()["lambda"], 500.0);
+        assert_eq!(f().config().unwrap()["lambda"], 500.0);
     }
 }

@@ -488,7 +488,8 @@ fn cia_and_mage_dema_follow_the_dema_formula() {
         let mut checked = 0;
         for (name, s0) in &start {
             // mage_dema averages the trained experts' LoRA matrices only (vqav2: 0, 1, 2).
-            if id == "mage_dema" && !(name.contains(".lora_") && !name.contains("expert3")) {
+            let averaged = name.contains(".lora_") && !name.contains("expert3");
+            if id == "mage_dema" && !averaged {
                 continue;
             }
             if !applied[0].contains_key(name) {

@@ -423,12 +423,12 @@ pub fn parse_test(
             line: e.line(),
             msg: e.to_string(),
         })?;
-    let offsets = array_element_offsets(&text);
+    let offsets = array_element_offsets(text);
     let layout = TaskSpec::of(task).test_layout;
     let mut seen: BTreeMap<QuestionId, usize> = BTreeMap::new();
     let mut out = Vec::with_capacity(values.len());
     for (k, v) in values.into_iter().enumerate() {
-        let line = offsets.get(k).map_or(1, |&o| line_of(&text, o));
+        let line = offsets.get(k).map_or(1, |&o| line_of(text, o));
         let s = test_item(layout, v, dir, check, &path, line)?;
         if let Some(first) = seen.insert(s.question_id.clone(), line) {
             return Err(invalid(

@@ -235,13 +235,15 @@ fn runs_with_set_overrides_are_named_by_them() {
     let tmp = tempfile::tempdir().unwrap();
     let mage = cnext_baselines::find("mage").unwrap();
     let mut default = run_result("mage", 0, sequential(&LORA, 0.0), true);
-    default.method_config = mage.factory()().config();
+    default.method_config = mage.factory()().config().unwrap();
     let mut faithful = default.clone();
     let set = [(
         "averaging.pema.alpha_policy".to_string(),
         serde_json::json!("faithful"),
     )];
-    faithful.method_config = mage.with_overrides(&set.into_iter().collect()).unwrap()().config();
+    faithful.method_config = mage.with_overrides(&set.into_iter().collect()).unwrap()()
+        .config()
+        .unwrap();
     let a = write_run(&tmp.path().join("a"), &default);
     let b = write_run(&tmp.path().join("b"), &faithful);
     let inputs = load_inputs(&[a, b]).unwrap();
