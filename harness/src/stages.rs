@@ -497,6 +497,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             &tmp.join("weights.safetensors"),
             &live.model.trainable_tensors(),
         )?;
+        // Fault injection for the kill tests (`suite/tests/resilience.rs`): die without cleanup,
+        // as SIGKILL would, with half of stage k's entry written.
+        if std::env::var("CNEXT_ABORT_IN_ENTRY_WRITE").is_ok_and(|v| v == k.to_string()) {
+            std::process::abort();
+        }
         let state = if self.shared(k) {
             BTreeMap::new()
         } else {

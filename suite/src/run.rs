@@ -35,6 +35,16 @@ pub(crate) struct RunArgs {
     pub overrides: BTreeMap<String, serde_json::Value>,
 }
 
+/// Fails before any training when the output folder cannot be written (read-only, full, or
+/// under a file), instead of after the chain has trained.
+fn check_writable(out: &std::path::Path) -> Result<()> {
+    let probe = out.join(format!(".cnext-write-probe-{}", std::process::id()));
+    std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(&probe, b"probe"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| format!("output folder {} is not writable", out.display()))
+}
+
 pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut sorted = a.seeds.clone();
@@ -91,6 +101,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
             .out
             .clone()
             .unwrap_or_else(|| cache.join("runs").join(name(&seed.to_string())));
+        check_writable(&out)?;
         let r = one_seed(&a, &factory, &bench, seed, &out, judge)?;
         print_run(&r);
         print_footer(&r, &out, setup, t0);
@@ -100,6 +111,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| cache.join("runs").join(name(&format!("s{seeds_name}"))));
+    check_writable(&out)?;
     let mut results = vec![];
     let mut runs = vec![];
     for &seed in &a.seeds {
