@@ -2,6 +2,7 @@
 //! the official train JSONL / test JSON formats, and the generator of Continual-NExT-mini
 //! (scenes of shapes, object classes, book covers and edits rendered with our own code).
 
+pub mod check;
 pub mod classes;
 pub mod covers;
 pub mod errors;

@@ -60,6 +60,22 @@ pub enum DataError {
     },
 }
 
+impl DataError {
+    /// The file the error is about (the data file, or the image for image errors).
+    pub fn file(&self) -> &Path {
+        match self {
+            DataError::Io { path, .. }
+            | DataError::Json { path, .. }
+            | DataError::Invalid { path, .. }
+            | DataError::UnsafePath { path, .. }
+            | DataError::MissingImage { path, .. }
+            | DataError::CorruptImage { path, .. }
+            | DataError::Empty { path }
+            | DataError::TooLarge { path, .. } => path,
+        }
+    }
+}
+
 /// The most pixels an image may have before it is decoded (a 12k x 12k PNG of a few KB would
 /// otherwise ask for 432 MB). Real Continual-NExT images are at most a few megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -291,45 +307,72 @@ pub fn load_train(dir: &Path, task: TaskId) -> Result<Vec<TrainSample>, DataErro
 
 /// Parses the text of train file `path` (images relative to its folder, which must exist).
 pub fn parse_train(text: &str, path: &Path, task: TaskId) -> Result<Vec<TrainSample>, DataError> {
+    let (out, mut errors) = parse_train_all(text, path, task);
+    if !errors.is_empty() {
+        return Err(errors.swap_remove(0));
+    }
+    Ok(out)
+}
+
+/// [`parse_train`] that goes on past bad lines: every good sample and every problem (in line
+/// order), for `cnext data check`.
+pub fn parse_train_all(
+    text: &str,
+    path: &Path,
+    task: TaskId,
+) -> (Vec<TrainSample>, Vec<DataError>) {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let path = path.to_path_buf();
     let layout = TaskSpec::of(task).train_layout;
-    let mut out = vec![];
+    let (mut out, mut errors) = (vec![], vec![]);
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         if raw.trim().is_empty() {
             continue;
         }
-        let json_err = |e: serde_json::Error| DataError::Json {
-            path: path.clone(),
-            line,
-            msg: e.to_string(),
-        };
-        let item = match layout {
-            TrainLayout::Edit => {
-                let r: EditRecord = serde_json::from_str(raw).map_err(json_err)?;
-                non_empty(&r.instruction, "instruction", &path, line)?;
-                TrainItem::Edit {
-                    source: resolve_image(dir, &r.source_image, &path, line)?,
-                    target: resolve_image(dir, &r.target_image, &path, line)?,
-                    instruction: r.instruction,
-                }
-            }
-            TrainLayout::Conversation | TrainLayout::TextToImage => {
-                let r: ConversationRecord = serde_json::from_str(raw).map_err(json_err)?;
-                let Some(image) = r.image.as_deref() else {
-                    return Err(invalid(&path, line, "missing `image`"));
-                };
-                let image = resolve_image(dir, image, &path, line)?;
-                conversation_item(layout, image, r.data, &path, line)?
-            }
-        };
-        out.push(TrainSample { line, item });
+        match train_item(layout, raw, dir, path, line) {
+            Ok(item) => out.push(TrainSample { line, item }),
+            Err(e) => errors.push(e),
+        }
     }
-    if out.is_empty() {
-        return Err(DataError::Empty { path });
+    if out.is_empty() && errors.is_empty() {
+        errors.push(DataError::Empty {
+            path: path.to_path_buf(),
+        });
     }
-    Ok(out)
+    (out, errors)
+}
+
+fn train_item(
+    layout: TrainLayout,
+    raw: &str,
+    dir: &Path,
+    path: &Path,
+    line: usize,
+) -> Result<TrainItem, DataError> {
+    let json_err = |e: serde_json::Error| DataError::Json {
+        path: path.to_path_buf(),
+        line,
+        msg: e.to_string(),
+    };
+    Ok(match layout {
+        TrainLayout::Edit => {
+            let r: EditRecord = serde_json::from_str(raw).map_err(json_err)?;
+            non_empty(&r.instruction, "instruction", path, line)?;
+            TrainItem::Edit {
+                source: resolve_image(dir, &r.source_image, path, line)?,
+                target: resolve_image(dir, &r.target_image, path, line)?,
+                instruction: r.instruction,
+            }
+        }
+        TrainLayout::Conversation | TrainLayout::TextToImage => {
+            let r: ConversationRecord = serde_json::from_str(raw).map_err(json_err)?;
+            let Some(image) = r.image.as_deref() else {
+                return Err(invalid(path, line, "missing `image`"));
+            };
+            let image = resolve_image(dir, image, path, line)?;
+            conversation_item(layout, image, r.data, path, line)?
+        }
+    })
 }
 
 fn conversation_item(
@@ -415,23 +458,49 @@ pub fn parse_test(
     task: TaskId,
     check: ImageCheck,
 ) -> Result<Vec<TestSample>, DataError> {
+    let (out, mut errors) = parse_test_all(text, file, task, check);
+    if !errors.is_empty() {
+        return Err(errors.swap_remove(0));
+    }
+    Ok(out)
+}
+
+/// [`parse_test`] that goes on past bad records (a file that is not a JSON array is one
+/// problem): every good sample and every problem, in line order.
+pub fn parse_test_all(
+    text: &str,
+    file: &Path,
+    task: TaskId,
+    check: ImageCheck,
+) -> (Vec<TestSample>, Vec<DataError>) {
     let path = file.to_path_buf();
     let dir = &file.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let values: Vec<serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| DataError::Json {
-            path: path.clone(),
-            line: e.line(),
-            msg: e.to_string(),
-        })?;
+    let values: Vec<serde_json::Value> = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let e = DataError::Json {
+                path,
+                line: e.line(),
+                msg: e.to_string(),
+            };
+            return (vec![], vec![e]);
+        }
+    };
     let offsets = array_element_offsets(text);
     let layout = TaskSpec::of(task).test_layout;
     let mut seen: BTreeMap<QuestionId, usize> = BTreeMap::new();
-    let mut out = Vec::with_capacity(values.len());
+    let (mut out, mut errors) = (Vec::with_capacity(values.len()), vec![]);
     for (k, v) in values.into_iter().enumerate() {
         let line = offsets.get(k).map_or(1, |&o| line_of(text, o));
-        let s = test_item(layout, v, dir, check, &path, line)?;
+        let s = match test_item(layout, v, dir, check, &path, line) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         if let Some(first) = seen.insert(s.question_id.clone(), line) {
-            return Err(invalid(
+            errors.push(invalid(
                 &path,
                 line,
                 format!(
@@ -439,13 +508,14 @@ pub fn parse_test(
                     s.question_id
                 ),
             ));
+            continue;
         }
         out.push(s);
     }
-    if out.is_empty() {
-        return Err(DataError::Empty { path });
+    if out.is_empty() && errors.is_empty() {
+        errors.push(DataError::Empty { path });
     }
-    Ok(out)
+    (out, errors)
 }
 
 fn parse<T: DeserializeOwned>(

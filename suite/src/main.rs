@@ -8,7 +8,7 @@ use cnext_core::scoring::clip::ClipModel;
 use cnext_core::scoring::Compat;
 use cnext_core::{AccuracyMatrix, TaskId};
 use cnext_datasets::evaluate::{read_predictions, score_task};
-use cnext_datasets::loader::{load_test_file, load_train, ImageCheck};
+use cnext_datasets::loader::{load_test_file, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use cnext_harness::device::DeviceSpec;
 use cnext_suite::seeds::opt2;
@@ -379,41 +379,45 @@ fn generate(profile: DataProfile, seed: u64, out: Option<PathBuf>, force: bool) 
     Ok(())
 }
 
+/// Problems printed per file; the rest are counted (a systematic error repeats on every line).
+const PROBLEMS_PER_FILE: usize = 20;
+
 fn check(root: &Path) -> Result<()> {
+    let report = cnext_datasets::check::check_root(root);
     let mut table = Table::new();
     table.set_header(["task", "train", "test", "scorer"]);
-    for task in TaskId::ALL {
-        let dir = root.join(task.as_str());
-        let train = load_train(&dir, task)?;
-        let test = load_test_file(&dir.join("test.json"), task, ImageCheck::Resolve)?;
-        // Every image decodes (and is within the pixel limit) before hours of training.
-        let train_file = dir.join("train.jsonl");
-        let test_file = dir.join("test.json");
-        let images = train
-            .iter()
-            .flat_map(|s| {
-                s.item
-                    .images()
-                    .into_iter()
-                    .map(|p| (&train_file, s.line, p))
-            })
-            .chain(
-                test.iter()
-                    .flat_map(|s| s.item.images().into_iter().map(|p| (&test_file, s.line, p))),
-            );
-        for (file, line, image) in images {
-            cnext_datasets::load_image(image)
-                .with_context(|| format!("{}:{line}: image", file.display()))?;
-        }
+    for c in &report.tasks {
         table.add_row([
-            task.to_string(),
-            train.len().to_string(),
-            test.len().to_string(),
-            TaskSpec::of(task).scorer.to_string(),
+            c.task.to_string(),
+            c.train.to_string(),
+            c.test.to_string(),
+            TaskSpec::of(c.task).scorer.to_string(),
         ]);
     }
     println!("{table}");
-    Ok(())
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    let mut per_file: std::collections::BTreeMap<String, usize> = Default::default();
+    for p in &report.problems {
+        let file = p.file().display().to_string();
+        let n = per_file.entry(file).or_default();
+        *n += 1;
+        if *n <= PROBLEMS_PER_FILE {
+            eprintln!("{p}");
+        }
+    }
+    for (file, n) in &per_file {
+        if *n > PROBLEMS_PER_FILE {
+            eprintln!("{file}: ... and {} more problems", n - PROBLEMS_PER_FILE);
+        }
+    }
+    anyhow::bail!(
+        "{}: {} problems in {} files",
+        root.display(),
+        report.problems.len(),
+        per_file.len()
+    )
 }
 
 fn metrics(path: &Path, json: bool) -> Result<()> {

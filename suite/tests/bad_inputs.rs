@@ -139,3 +139,47 @@ fn every_bad_input_gets_a_named_error_and_every_accepted_form_loads() {
         failures.join("\n")
     );
 }
+
+/// Replaces line `n` (1-based) of a file.
+fn set_line(path: &Path, n: usize, text: &str) {
+    let body = std::fs::read_to_string(path).unwrap();
+    let mut lines: Vec<String> = body.lines().map(String::from).collect();
+    lines[n - 1] = text.to_string();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// `cnext data check` reports every problem of the root in one run, not the first one.
+#[test]
+fn data_check_reports_every_problem_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    let gen = cnext_datasets::GenConfig::new(cnext_datasets::DataProfile::Smoke, 0);
+    cnext_datasets::generate(&root, &gen, false).unwrap();
+    set_line(&root.join("vqav2/train.jsonl"), 2, "{not json");
+    set_line(
+        &root.join("vqav2/train.jsonl"),
+        5,
+        r#"{"image":"images/gone.png","data":["q","a"]}"#,
+    );
+    set_line(
+        &root.join("imagenet/test.json"),
+        3,
+        r#"{"question_id":1,"image":"images/test_000001.png","text":"t"},"#,
+    );
+    std::fs::write(root.join("ocrvqa/images/train_000000.png"), b"").unwrap();
+    std::fs::remove_file(root.join("hqedit/test.json")).unwrap();
+    let o = cnext(&["data", "check", "--root", &root.display().to_string()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for want in [
+        "vqav2/train.jsonl:2: malformed JSON",
+        "vqav2/train.jsonl:5: image `images/gone.png` not found",
+        "imagenet/test.json:3: malformed JSON: missing field `answer`",
+        "ocrvqa/train.jsonl:1: ",
+        "train_000000.png: cannot decode image",
+        "hqedit/test.json: cannot read",
+        "5 problems in 4 files",
+    ] {
+        assert!(err.contains(want), "`{want}` missing from:\n{err}");
+    }
+}
