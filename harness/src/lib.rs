@@ -2,6 +2,7 @@
 //! evaluation. Methods supply hooks; the harness owns the loop and its counters.
 
 pub mod assets;
+pub mod cache_io;
 pub mod clip;
 pub mod device;
 pub mod errors;

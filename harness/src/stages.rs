@@ -95,7 +95,7 @@ pub struct Chain<'a, C> {
 /// A task's training examples and evaluation items, loaded once per chain.
 type TaskSets = Arc<(Vec<Example>, Vec<EvalItem>)>;
 
-fn sha16(v: &serde_json::Value) -> String {
+pub(crate) fn sha16(v: &serde_json::Value) -> String {
     let d = Sha256::digest(v.to_string().as_bytes());
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -106,6 +106,11 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// Stage-cache entries as archives, for runners without a shared file system.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
     /// Micro-benchmarks that print ratios.
     Bench {
         #[command(subcommand)]
@@ -158,6 +163,25 @@ enum Cmd {
         /// Output folder (default target/cnext/reports/<method ids joined by +>).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Write every complete stage entry as `<out>/<entry>.tar` (files plus a SHA256SUMS).
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+        /// Cache folder (default target/cnext, or CNEXT_CACHE_DIR).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Verify and add entry archives; a complete entry already in the cache is kept.
+    Import {
+        #[arg(required = true)]
+        archives: Vec<PathBuf>,
+        #[arg(long)]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -257,6 +281,24 @@ fn error_text(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Cache {
+            cmd: CacheCmd::Export { out, cache },
+        } => {
+            let written = cnext_harness::cache_io::export(&cache_dir(cache), &out)?;
+            println!("exported {} entries to {}", written.len(), out.display());
+            Ok(())
+        }
+        Cmd::Cache {
+            cmd: CacheCmd::Import { archives, cache },
+        } => {
+            let r = cnext_harness::cache_io::import(&cache_dir(cache), &archives)?;
+            println!(
+                "imported {} entries, kept {} already complete",
+                r.imported.len(),
+                r.skipped.len()
+            );
+            Ok(())
+        }
         Cmd::Data { cmd } => match cmd {
             DataCmd::Generate {
                 profile,
