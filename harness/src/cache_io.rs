@@ -85,8 +85,10 @@ pub fn export(cache: &Path, out: &Path) -> Result<Vec<PathBuf>, CacheIoError> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut written = vec![];
     for dir in complete_entries(cache)? {
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string());
-        let name = name.unwrap_or_default();
+        // Entry names are ASCII (method, stage, task, hash); anything else is not ours.
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
         let mut listed = BTreeMap::new();
         files(&dir, Path::new(""), &mut listed)?;
         let mut contents = BTreeMap::new();
@@ -198,7 +200,7 @@ fn verify(
         .ok_or_else(|| bad("no entry.json".into()))?;
     let record: StageRecord =
         serde_json::from_slice(entry).map_err(|e| bad(format!("entry.json: {e}")))?;
-    let suffix = name.rsplit('-').next().unwrap_or_default();
+    let suffix = name.rsplit('-').next().unwrap_or(name);
     if record.key != name || sha16(&record.key_inputs) != suffix {
         return Err(bad(format!(
             "entry.json's key inputs hash to {}, not to the archive's name {name}",
