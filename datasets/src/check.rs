@@ -46,13 +46,18 @@ fn read_all(path: &Path, problems: &mut Vec<DataError>) -> Option<String> {
     }
 }
 
-/// Decodes every image (within the pixel limit), naming the record that uses it.
+/// Decodes every image once (within the pixel limit), naming the first record that uses it:
+/// VQA-style files ask several questions of one image.
 fn check_images<'a>(
     file: &Path,
     images: impl Iterator<Item = (usize, &'a Path)>,
     problems: &mut Vec<DataError>,
 ) {
+    let mut seen = std::collections::BTreeSet::new();
     for (line, image) in images {
+        if !seen.insert(image) {
+            continue;
+        }
         if let Err(e) = load_image(image) {
             problems.push(DataError::Invalid {
                 path: file.to_path_buf(),
