@@ -1,13 +1,14 @@
-//! Backbones: the [`Backbone`] trait the harness calls, and the nano Dual-to-Dual model of the
-//! mini profile (our own code, built for training). A real backbone implements the same trait.
+//! Backbones: the [`Backbone`] trait the harness trains and scores, the [`BaseModel`] factory
+//! it builds them with, and two implementations: the nano Dual-to-Dual model of the mini
+//! profile (our own code, built for training) and Janus / Janus-Pro (Hugging Face weights).
 
 pub mod imageproc;
 pub mod janus;
 pub mod nano;
 pub mod peft;
 
-use candle_core::{Result, Tensor, Var};
-use cnext_adapters::Ctx;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use cnext_adapters::{AdapterPlan, Ctx};
 use image::RgbImage;
 use std::collections::BTreeMap;
 
@@ -71,6 +72,46 @@ pub trait Backbone {
         }
         candle_core::bail!("this backbone has no ensemble decoding")
     }
-    /// The variables the optimizer may update (adapters and projector), by name.
+    /// The variables the optimizer may update (adapters and connectors), by name.
     fn trainable(&self) -> BTreeMap<String, Var>;
+    /// The current values of the trainable variables (what a stage checkpoint stores).
+    fn trainable_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    }
+}
+
+/// A loaded base model: the one factory the harness builds backbones with. The harness,
+/// the methods and the suite see a base only through this trait, so nano and Janus are two
+/// implementations of it and none of them names the other's types or weights.
+pub trait BaseModel: Send + Sync {
+    /// Names the base in stage keys and provenance; two bases with one name have the same
+    /// weights and settings (a content key, or a directory plus the settings that shape it).
+    fn name(&self) -> String;
+    /// Where the weights live and where runs on this base train.
+    fn device(&self) -> &Device;
+    /// The dtype of the frozen weights (adapters train in f32).
+    fn dtype(&self) -> DType;
+    /// A backbone on the frozen base weights with `plan`'s adapters.
+    fn build(&self, plan: AdapterPlan) -> Result<Box<dyn Backbone>>;
+    /// Parameter groups: learning-rate scales by weight-name prefix (the connector at a tenth
+    /// of the adapters' rate, as in LLaVA-1.5's LoRA recipe).
+    fn lr_scale(&self) -> BTreeMap<String, f64>;
+    /// The longest text answer evaluation generates, in tokens.
+    fn max_new_tokens(&self) -> usize;
+}
+
+/// The elementwise max of the members' next-token distributions (LAE's ensemble decoding).
+pub fn max_of_distributions(logits: &[Tensor]) -> Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    for l in logits {
+        let p = candle_nn::ops::softmax(l, D::Minus1)?;
+        acc = Some(match acc {
+            Some(a) => a.maximum(&p)?,
+            None => p,
+        });
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one member".into()))
 }

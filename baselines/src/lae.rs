@@ -131,7 +131,7 @@ impl Method for Lae {
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
-    use cnext_backbones::nano::backbone::max_of_distributions;
+    use cnext_backbones::max_of_distributions;
 
     #[test]
     fn ensemble_takes_the_elementwise_max_of_distributions() -> Result<()> {

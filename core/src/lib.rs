@@ -3,6 +3,8 @@
 //! functions. Nothing here loads data or models.
 
 mod exact;
+pub mod fsx;
+pub mod hash;
 pub mod matrix;
 pub mod metrics;
 pub mod rng;

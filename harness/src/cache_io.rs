@@ -4,8 +4,8 @@
 //! the entry's key inputs hash to its name (the content key), extracts into a temp folder and
 //! renames it into place under the entry's lock, and never replaces a complete entry.
 
-use crate::stages::{lock_exclusive, sha16, StageRecord};
-use sha2::{Digest, Sha256};
+use crate::stages::{lock_exclusive, StageRecord};
+use cnext_core::hash::{key16, sha256_hex};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -28,13 +28,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheIoError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Complete entries of a cache: folders under `stages/` with their `entry.json`.
@@ -97,7 +90,7 @@ pub fn export(cache: &Path, out: &Path) -> Result<Vec<PathBuf>, CacheIoError> {
         }
         let sums: String = contents
             .iter()
-            .map(|(rel, b)| format!("{}  {rel}\n", hex(b)))
+            .map(|(rel, b)| format!("{}  {rel}\n", sha256_hex(b)))
             .collect();
         let archive = out.join(format!("{name}.tar"));
         let mut tar = tar::Builder::new(Vec::new());
@@ -184,7 +177,7 @@ fn verify(
     for (rel, bytes) in files.iter().filter(|(r, _)| *r != MANIFEST) {
         match listed.remove(rel) {
             None => return Err(bad(format!("`{rel}` is not in {MANIFEST}"))),
-            Some(sum) if sum != hex(bytes) => {
+            Some(sum) if sum != sha256_hex(bytes) => {
                 return Err(bad(format!("`{rel}`: sha256 does not match {MANIFEST}")))
             }
             Some(_) => {}
@@ -201,10 +194,10 @@ fn verify(
     let record: StageRecord =
         serde_json::from_slice(entry).map_err(|e| bad(format!("entry.json: {e}")))?;
     let suffix = name.rsplit('-').next().unwrap_or(name);
-    if record.key != name || sha16(&record.key_inputs) != suffix {
+    if record.key != name || key16(&record.key_inputs.to_string()) != suffix {
         return Err(bad(format!(
             "entry.json's key inputs hash to {}, not to the archive's name {name}",
-            sha16(&record.key_inputs)
+            key16(&record.key_inputs.to_string())
         )));
     }
     Ok(())

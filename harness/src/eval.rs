@@ -52,6 +52,13 @@ fn clip_score<C: ClipModel<Image = RgbImage>>(
     Ok(points / 100.0)
 }
 
+/// How evaluation generates: prompts per batch, and the longest text answer in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    pub batch: usize,
+    pub max_new_tokens: usize,
+}
+
 /// Generates and scores `items`. `image_path` names the file a generated image is saved to
 /// (the prediction's `text`).
 pub fn evaluate<C: ClipModel<Image = RgbImage>>(
@@ -59,7 +66,7 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
     spec: &TaskSpec,
     items: &[EvalItem],
     clip: Option<&C>,
-    batch: usize,
+    gen: Generation,
     model_id: &str,
     image_path: &dyn Fn(&str) -> String,
 ) -> Result<TaskEval, EvalError> {
@@ -71,10 +78,10 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
         images: vec![],
         scores: vec![],
     };
-    for chunk in items.chunks(batch.max(1)) {
+    for chunk in items.chunks(gen.batch.max(1)) {
         let prompts: Vec<Prompt> = chunk.iter().map(|i| i.prompt.clone()).collect();
         let gens = backbone
-            .generate(&prompts, kind, 32)
+            .generate(&prompts, kind, gen.max_new_tokens)
             .map_err(|source| EvalError::Generate {
                 task: task.clone(),
                 source,

@@ -1,18 +1,14 @@
 //! The harness: the training loop, optimizer and schedule that every method shares, and
 //! evaluation. Methods supply hooks; the harness owns the loop and its counters.
 
-pub mod assets;
 pub mod cache_io;
 pub mod clip;
 pub mod device;
 pub mod errors;
 pub mod eval;
-pub mod instruct;
 pub mod method;
 pub mod optim;
-pub mod pretrain;
 pub mod run;
 pub mod stages;
 pub mod tasks;
 pub mod train;
-pub mod vision;

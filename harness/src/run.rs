@@ -35,7 +35,8 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    pub fn new(order: Order, seed: u64, steps: usize) -> Self {
+    /// `lr_scale`: the base's parameter groups ([`cnext_backbones::BaseModel::lr_scale`]).
+    pub fn new(order: Order, seed: u64, steps: usize, lr_scale: BTreeMap<String, f64>) -> Self {
         RunConfig {
             order,
             seed,
@@ -45,7 +46,7 @@ impl RunConfig {
                 batch_size: 32,
                 optim: AdamWConfig {
                     lr: 2e-3,
-                    lr_scale: projector_at_a_tenth(),
+                    lr_scale,
                     ..Default::default()
                 },
                 seed,
@@ -53,14 +54,6 @@ impl RunConfig {
             eval_batch: 64,
         }
     }
-}
-
-/// The projector trains at 1/10 of the adapters' learning rate, as in LLaVA-1.5's LoRA recipe
-/// (`mm_projector_lr`). Measured on mini (lora, default order, seed 0): at the adapters' rate
-/// the projector drifts over the early stages until RefCOCO cannot be re-learned (29.0; 91.5
-/// from the same adapter with the base projector); at 1/10 it reaches 50.0 and New.ACC 74.37.
-fn projector_at_a_tenth() -> BTreeMap<String, f64> {
-    BTreeMap::from([("projector.".to_string(), 0.1)])
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,20 +116,12 @@ pub fn device_name(d: &candle_core::Device) -> String {
     }
 }
 
-/// Writes a file through a temp file and a rename.
+/// [`cnext_core::fsx::write_atomic`] with the path in the error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    use std::io::Write;
-    let io = |source| RunError::Io {
+    cnext_core::fsx::write_atomic(path, bytes).map_err(|source| RunError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(io)?;
-    }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Copies the files of `from` into `to` (each written atomically).
@@ -171,7 +156,6 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
 ) -> Result<RunResult, RunError> {
     let cfg = chain.cfg;
     let order = cfg.order.tasks();
-    let method = (chain.new_method)();
     let (matrix, entries) = chain.matrix()?;
     for (j, e) in entries.iter().enumerate() {
         for t in chain.seen(j + 1) {
@@ -203,10 +187,8 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
         versions.insert(format!("task.{t}"), TaskSpec::of(t).version.to_string());
     }
     let result = RunResult {
-        method: method.id().to_string(),
-        method_config: method
-            .config()
-            .map_err(|e| RunError::Key(format!("{}: method config: {e}", method.id())))?,
+        method: chain.method_id().to_string(),
+        method_config: chain.method_config().clone(),
         config: cfg.clone(),
         metrics: Metrics::of(&matrix).rounded(),
         stages: records.iter().map(|r| r.stats.clone()).collect(),
@@ -217,8 +199,8 @@ pub fn run<C: ClipModel<Image = RgbImage> + Sync>(
         errors: Some(errors),
         transfer: all_transfers(&matrix),
         matrix,
-        base: chain.base.dir.display().to_string(),
-        device: device_name(&chain.base.device),
+        base: chain.base.name(),
+        device: device_name(chain.base.device()),
         versions,
     };
     write_atomic(

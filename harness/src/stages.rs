@@ -8,15 +8,13 @@
 //! nextest's process-per-test (an exclusive file lock per entry). Entries are written into a
 //! temp folder and renamed, so a killed run never leaves an entry that looks complete.
 
-use crate::assets::Base;
-use crate::eval::{evaluate, TaskEval};
+use crate::eval::{evaluate, Generation, TaskEval};
 use crate::method::{Ensembled, Method, MethodFactory, Schedule, StageInfo};
 use crate::run::{RunConfig, RunError};
 use crate::tasks::{eval_items, train_examples, EvalItem, Reference};
 use crate::train::{train, StageStats};
 use candle_core::Tensor;
-use cnext_backbones::nano::backbone::NanoBackbone;
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::{Backbone, BaseModel, Example};
 use cnext_core::scoring::clip::ClipModel;
 use cnext_core::{AccuracyMatrix, TaskId};
 use cnext_datasets::formats::QuestionId;
@@ -24,7 +22,6 @@ use cnext_datasets::loader::load_task;
 use cnext_datasets::TaskSpec;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,10 +73,12 @@ impl StageEntry {
     }
 }
 
-/// One method over one order, on one base, data set and scorer.
+/// One method over one order, on one base, data set and scorer. Stages are walked forward:
+/// every key is computed once, when the chain is made, and a walk that has to train keeps one
+/// model and one method instance from the first missing stage to the last one asked for.
 pub struct Chain<'a, C> {
     pub cache: &'a Path,
-    pub base: &'a Base,
+    pub base: &'a dyn BaseModel,
     pub data_root: &'a Path,
     /// Identifies the data (profile, seed, generator version).
     pub data_key: String,
@@ -89,30 +88,48 @@ pub struct Chain<'a, C> {
     pub cfg: &'a RunConfig,
     pub new_method: MethodFactory,
     pub progress: bool,
+    /// What the chain needs to know of its method without training it.
+    meta: MethodMeta,
+    /// Stage k's key inputs and entry name at index k - 1.
+    keys: Vec<(serde_json::Value, String)>,
     data: Mutex<BTreeMap<TaskId, TaskSets>>,
+}
+
+/// A method's identity, read once from one instance.
+struct MethodMeta {
+    id: &'static str,
+    schedule: Schedule,
+    shares_first_stage: bool,
+    architecture: String,
+    config: serde_json::Value,
 }
 
 /// A task's training examples and evaluation items, loaded once per chain.
 type TaskSets = Arc<(Vec<Example>, Vec<EvalItem>)>;
 
-pub(crate) fn sha16(v: &serde_json::Value) -> String {
-    let d = Sha256::digest(v.to_string().as_bytes());
-    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
 impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cache: &'a Path,
-        base: &'a Base,
+        base: &'a dyn BaseModel,
         data_root: &'a Path,
         data_key: String,
         clip: &'a C,
         clip_key: String,
         cfg: &'a RunConfig,
         new_method: MethodFactory,
-    ) -> Self {
-        Chain {
+    ) -> Result<Self, RunError> {
+        let m = new_method();
+        let meta = MethodMeta {
+            id: m.id(),
+            schedule: m.schedule(),
+            shares_first_stage: m.shares_first_stage(),
+            architecture: m.architecture(),
+            config: m
+                .config()
+                .map_err(|e| RunError::Key(format!("{}: method config: {e}", m.id())))?,
+        };
+        let mut chain = Chain {
             cache,
             base,
             data_root,
@@ -122,38 +139,51 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             cfg,
             new_method,
             progress: false,
+            meta,
+            keys: vec![],
             data: Mutex::default(),
+        };
+        let mut prev = String::new();
+        for k in 1..=chain.stages() {
+            let (inputs, name) = chain.key(k, &prev);
+            prev = name.clone();
+            chain.keys.push((inputs, name));
         }
+        Ok(chain)
     }
 
     /// Every stage of the chain (trained if needed) and the accuracy matrix they make.
     pub fn matrix(&self) -> Result<(AccuracyMatrix, Vec<StageEntry>), RunError> {
         let order = self.cfg.order.tasks();
         let mut m = AccuracyMatrix::sequential(order.to_vec())?;
-        let mut entries = vec![];
-        for k in 1..=self.stages() {
-            let e = self.ensure(k)?;
+        let entries = self.walk(self.stages())?;
+        for e in &entries {
             let row: Vec<Option<f64>> = order
                 .iter()
                 .map(|t| e.record.evals.get(t).map(|c| c.accuracy))
                 .collect();
-            if self.method().schedule() == Schedule::Joint {
+            if self.meta.schedule == Schedule::Joint {
                 m = AccuracyMatrix::joint(order.to_vec(), row)?;
             } else {
                 m.push_row(row)?;
             }
-            entries.push(e);
         }
         Ok((m, entries))
     }
 
-    fn method(&self) -> Box<dyn Method> {
-        (self.new_method)()
+    /// The method's registry id.
+    pub fn method_id(&self) -> &'static str {
+        self.meta.id
+    }
+
+    /// The method's knobs as JSON (as in the stage keys).
+    pub fn method_config(&self) -> &serde_json::Value {
+        &self.meta.config
     }
 
     /// How many stages the chain has (1 for a joint method).
     pub fn stages(&self) -> usize {
-        match self.method().schedule() {
+        match self.meta.schedule {
             Schedule::Joint => 1,
             _ => self.cfg.order.tasks().len(),
         }
@@ -162,7 +192,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     /// The tasks evaluated after stage `k`.
     pub fn seen(&self, k: usize) -> Vec<TaskId> {
         let order = self.cfg.order.tasks();
-        match self.method().schedule() {
+        match self.meta.schedule {
             Schedule::Joint => order.to_vec(),
             _ => order[..k.min(order.len())].to_vec(),
         }
@@ -194,48 +224,39 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
 
     /// Whether stage `k` shares the first-stage checkpoint of its adapter architecture.
     fn shared(&self, k: usize) -> bool {
-        let m = self.method();
-        k == 1 && m.schedule() == Schedule::Sequential && m.shares_first_stage()
+        k == 1 && self.meta.schedule == Schedule::Sequential && self.meta.shares_first_stage
     }
 
     /// The progress label of sequential stage `k`, which also names its shuffle stream: a shared
     /// stage's is the architecture's, so it comes out the same whichever method builds it.
-    fn stage_label(&self, m: &dyn Method, k: usize) -> String {
+    fn stage_label(&self, k: usize) -> String {
         let t = self.cfg.order.tasks()[k - 1];
         if self.shared(k) {
-            format!("{} (shared): stage {k} {t}", m.architecture())
+            format!("{} (shared): stage {k} {t}", self.meta.architecture)
         } else {
-            format!("{}: stage {k} {t}", m.id())
+            format!("{}: stage {k} {t}", self.meta.id)
         }
     }
 
-    /// The key inputs of stage `k` (1-based) and its entry folder name.
-    fn key(&self, k: usize) -> Result<(serde_json::Value, String), RunError> {
-        let m = self.method();
+    /// The key inputs of stage `k` (1-based), whose predecessor's entry is `prev`, and its
+    /// entry folder name.
+    fn key(&self, k: usize, prev: &str) -> (serde_json::Value, String) {
         let order = self.cfg.order.tasks();
-        let trained_by = if self.shared(k) {
-            format!("shared:{}", m.architecture())
+        let shared = self.shared(k);
+        let trained_by = if shared {
+            format!("shared:{}", self.meta.architecture)
         } else {
-            m.id().to_string()
-        };
-        let prev = if k > 1 {
-            self.key(k - 1)?.1
-        } else {
-            String::new()
+            self.meta.id.to_string()
         };
         let mut inputs = serde_json::json!({
             "crate": env!("CARGO_PKG_VERSION"),
-            "base": self.base.dir.file_name().map(|s| s.to_string_lossy().to_string()),
-            "device": format!("{:?}", self.base.device.location()),
+            "base": self.base.name(),
+            "device": format!("{:?}", self.base.device().location()),
             "data": self.data_key,
             "clip": self.clip_key,
             "method": trained_by,
-            "method_config": if self.shared(k) {
-                serde_json::Value::Null
-            } else {
-                m.config().map_err(|e| RunError::Key(format!("{}: method config: {e}", m.id())))?
-            },
-            "schedule": format!("{:?}", m.schedule()),
+            "method_config": if shared { serde_json::Value::Null } else { self.meta.config.clone() },
+            "schedule": format!("{:?}", self.meta.schedule),
             "lora": self.cfg.lora,
             "train": self.cfg.stage,
             "eval_batch": self.cfg.eval_batch,
@@ -246,21 +267,21 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             "order_prefix": order[..k.min(order.len())].iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             "prev": prev,
         });
-        if self.shared(k) {
+        if shared {
             // Before this input, the stream was named after whichever method built the
             // stage first; entries from then are not reused.
-            inputs["stream"] = self.stage_label(m.as_ref(), k).into();
+            inputs["stream"] = self.stage_label(k).into();
         }
-        let task = match m.schedule() {
+        let task = match self.meta.schedule {
             Schedule::Joint => "joint".to_string(),
             _ => order[k - 1].to_string(),
         };
         let name = format!(
             "{}-stage{k}-{task}-{}",
             trained_by.replace(':', "-"),
-            sha16(&inputs)
+            cnext_core::hash::key16(&inputs.to_string())
         );
-        Ok((inputs, name))
+        (inputs, name)
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -275,16 +296,14 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 self.stages()
             )));
         }
-        if let Some(e) = self.load(k)? {
-            return Ok(e);
-        }
-        let _g = TRAINING.lock().unwrap_or_else(|p| p.into_inner());
-        self.ensure_locked(k).map(|(e, _)| e)
+        let mut entries = self.walk(k)?;
+        entries
+            .pop()
+            .ok_or_else(|| RunError::Stage(format!("stage {k}: no entry")))
     }
 
     fn load(&self, k: usize) -> Result<Option<StageEntry>, RunError> {
-        let (_, name) = self.key(k)?;
-        let dir = self.dir(&name);
+        let dir = self.dir(&self.keys[k - 1].1);
         let path = dir.join("entry.json");
         if !path.exists() {
             return Ok(None);
@@ -302,96 +321,115 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         }))
     }
 
-    /// With the in-process lock held: the entry of stage `k`, and the method and model state
-    /// after it when this call had to build them (so the next stage continues in memory).
-    fn ensure_locked(&self, k: usize) -> Result<(StageEntry, Option<Live>), RunError> {
-        if let Some(e) = self.load(k)? {
-            return Ok((e, None));
-        }
-        let (inputs, name) = self.key(k)?;
-        let locks = self.cache.join("stages").join(".locks");
-        let _lock = lock_exclusive(&locks, &name)
-            .map_err(|(path, source)| RunError::Io { path, source })?;
-        // Another process may have finished it while we waited for the lock.
-        if let Some(e) = self.load(k)? {
-            return Ok((e, None));
-        }
-        let live = self.build_stage(k, &inputs, &name)?;
-        let e = self
-            .load(k)?
-            .ok_or_else(|| RunError::Stage(format!("{name}: entry missing after writing it")))?;
-        Ok((
-            StageEntry {
+    /// Stages 1..=`upto` in order: each loaded from the cache, or trained. Training starts at
+    /// the first missing stage from the entry before it and carries its model and method on
+    /// to the next missing one.
+    fn walk(&self, upto: usize) -> Result<Vec<StageEntry>, RunError> {
+        let mut entries: Vec<StageEntry> = vec![];
+        // The model and method in the state after the last entry, once one was trained here.
+        let mut live: Option<Live> = None;
+        let mut _training = None;
+        for k in 1..=upto {
+            if let Some(e) = self.load(k)? {
+                live = None;
+                entries.push(e);
+                continue;
+            }
+            // Trainings in this process never overlap; entries are locked across processes.
+            if _training.is_none() {
+                _training = Some(TRAINING.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            let name = &self.keys[k - 1].1;
+            let locks = self.cache.join("stages").join(".locks");
+            let _lock = lock_exclusive(&locks, name)
+                .map_err(|(path, source)| RunError::Io { path, source })?;
+            // Another process may have finished it while we waited for the lock.
+            if let Some(e) = self.load(k)? {
+                live = None;
+                entries.push(e);
+                continue;
+            }
+            let mut l = match live.take() {
+                // Trained here just before: continue in memory.
+                Some(mut l) => {
+                    if self.shared(k - 1) {
+                        self.end_shared_stage(&mut l)?;
+                    }
+                    l
+                }
+                None => self.restore(k, entries.last())?,
+            };
+            self.build_stage(k, &mut l)?;
+            let e = self.load(k)?.ok_or_else(|| {
+                RunError::Stage(format!("{name}: entry missing after writing it"))
+            })?;
+            entries.push(StageEntry {
                 trained_now: true,
                 ..e
-            },
-            Some(live),
-        ))
+            });
+            live = Some(l);
+        }
+        Ok(entries)
     }
 
-    /// A model and a method in the state right after stage `k - 1` (a fresh one for k = 1).
-    fn resume(&self, k: usize) -> Result<Live, RunError> {
-        let mut method = self.method();
+    /// A fresh model and method put in the state right after stage `k - 1`, whose entry is
+    /// `prev` (none for k = 1): its weights, and the method's state from it.
+    fn restore(&self, k: usize, prev: Option<&StageEntry>) -> Result<Live, RunError> {
+        let mut method = (self.new_method)();
         let model = self
             .base
-            .model(method.adapters(&self.cfg.lora, self.cfg.seed))?;
-        if k == 1 {
-            return Ok(Live { model, method });
-        }
-        let (prev, live) = self.ensure_locked(k - 1)?;
-        if let Some(l) = live {
-            // The previous stage was built by this call: its model and method are current.
-            // A shared first stage was trained without this method's hooks.
-            return self.after_shared(k - 1, l);
-        }
-        let vars = model.trainable();
-        let weights = load_tensors(&prev.dir.join("weights.safetensors"), &self.base.device)?;
+            .build(method.adapters(&self.cfg.lora, self.cfg.seed))?;
+        let mut live = Live { model, method };
+        let Some(prev) = prev.filter(|_| k > 1) else {
+            return Ok(live);
+        };
+        let vars = live.model.trainable();
+        let dev = self.base.device();
+        let weights = load_tensors(&prev.dir.join("weights.safetensors"), dev)?;
         for (name, var) in &vars {
             let t = weights.get(name).ok_or_else(|| {
                 RunError::Stage(format!("{}: no tensor `{name}`", prev.dir.display()))
             })?;
             var.set(t)?;
         }
-        let state_path = prev.dir.join("method_state.safetensors");
-        if state_path.exists() {
-            method.load_state(load_tensors(&state_path, &self.base.device)?)?;
-        }
-        self.after_shared(k - 1, Live { model, method })
-    }
-
-    /// A method continuing from a shared first stage computes its stage-1 state now.
-    fn after_shared(&self, prev: usize, mut live: Live) -> Result<Live, RunError> {
-        if self.shared(prev) {
-            let order = self.cfg.order.tasks();
-            let data = self.task_data(order[0])?;
-            let vars = live.model.trainable();
-            live.method.end_task(
-                StageInfo {
-                    stage: 1,
-                    task: order[0],
-                    order: &order,
-                    seed: self.cfg.seed,
-                },
-                &live.model,
-                &vars,
-                &data.0,
-            )?;
+        if self.shared(k - 1) {
+            self.end_shared_stage(&mut live)?;
+        } else {
+            let state_path = prev.dir.join("method_state.safetensors");
+            if state_path.exists() {
+                live.method.load_state(load_tensors(&state_path, dev)?)?;
+            }
         }
         Ok(live)
     }
 
-    fn build_stage(
-        &self,
-        k: usize,
-        inputs: &serde_json::Value,
-        name: &str,
-    ) -> Result<Live, RunError> {
-        let mut live = self.resume(k)?;
+    /// A shared first stage holds the architecture's weights but no method state: the method
+    /// computes its own with its stage-1 `end_task`, whether the stage was trained now or
+    /// loaded (`Method::shares_first_stage`: it must not change the model).
+    fn end_shared_stage(&self, live: &mut Live) -> Result<(), RunError> {
         let order = self.cfg.order.tasks();
-        let schedule = live.method.schedule();
+        let data = self.task_data(order[0])?;
         let vars = live.model.trainable();
-        let id = live.method.id();
-        let (task, stats) = match schedule {
+        let info = StageInfo {
+            stage: 1,
+            task: order[0],
+            order: &order,
+            seed: self.cfg.seed,
+        };
+        live.method
+            .end_task(info, live.model.as_ref(), &vars, &data.0)?;
+        Ok(())
+    }
+
+    /// Trains stage `k` on `live` (in the state after stage `k - 1`), evaluates every task
+    /// seen so far and writes the entry; `live` is left in the state after stage `k`.
+    fn build_stage(&self, k: usize, live: &mut Live) -> Result<(), RunError> {
+        let (inputs, name) = &self.keys[k - 1];
+        let order = self.cfg.order.tasks();
+        let vars = live.model.trainable();
+        let id = self.meta.id;
+        let shared = self.shared(k);
+        let (task, stats) = match self.meta.schedule {
             Schedule::Frozen => (None, None),
             Schedule::Joint => {
                 let mut all = vec![];
@@ -404,7 +442,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 };
                 let label = format!("{id}: joint");
                 let s = train(
-                    &live.model,
+                    live.model.as_ref(),
                     &vars,
                     &all,
                     &tc,
@@ -423,8 +461,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     order: &order,
                     seed: self.cfg.seed,
                 };
-                let shared = self.shared(k);
-                let label = self.stage_label(live.method.as_ref(), k);
+                let label = self.stage_label(k);
                 // A shared first stage trains without the method's hooks.
                 if !shared {
                     live.method.begin_task(info, &vars)?;
@@ -436,7 +473,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     live.method.as_mut()
                 };
                 let s = train(
-                    &live.model,
+                    live.model.as_ref(),
                     &vars,
                     &data.0,
                     &self.cfg.stage,
@@ -445,7 +482,8 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     hooks,
                 )?;
                 if !shared {
-                    live.method.end_task(info, &live.model, &vars, &data.0)?;
+                    live.method
+                        .end_task(info, live.model.as_ref(), &vars, &data.0)?;
                 }
                 (Some(t), Some(s))
             }
@@ -465,12 +503,16 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             .method
             .ensemble(&live.model.trainable())?
             .map(|sets| Ensembled {
-                inner: &live.model,
+                inner: live.model.as_ref(),
                 sets,
             });
         let scored: &dyn Backbone = match &ensembled {
             Some(e) => e,
-            None => &live.model,
+            None => live.model.as_ref(),
+        };
+        let gen = Generation {
+            batch: self.cfg.eval_batch,
+            max_new_tokens: self.base.max_new_tokens(),
         };
         for t in self.seen(k) {
             let data = self.task_data(t)?;
@@ -479,7 +521,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 &TaskSpec::of(t),
                 &data.1,
                 Some(self.clip),
-                self.cfg.eval_batch,
+                gen,
                 id,
                 &|qid: &str| format!("{qid}.png"),
             )?;
@@ -502,7 +544,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         if std::env::var("CNEXT_ABORT_IN_ENTRY_WRITE").is_ok_and(|v| v == k.to_string()) {
             std::process::abort();
         }
-        let state = if self.shared(k) {
+        let state = if shared {
             BTreeMap::new()
         } else {
             live.method.state()
@@ -518,7 +560,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             stats,
             evals,
             eval_seconds,
-            diagnostics: if self.shared(k) {
+            diagnostics: if shared {
                 BTreeMap::new()
             } else {
                 live.method.diagnostics()
@@ -542,13 +584,13 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             let secs = record.stats.as_ref().map_or(0.0, |s| s.seconds);
             eprintln!("stage cache: trained {name} ({secs:.1} s + eval {eval_seconds:.1} s)");
         }
-        Ok(live)
+        Ok(())
     }
 }
 
 /// A model and its method, in memory.
 struct Live {
-    model: NanoBackbone,
+    model: Box<dyn Backbone>,
     method: Box<dyn Method>,
 }
 

@@ -1,8 +1,11 @@
-//! The harness-owned training loop: seeded shuffling, AdamW with clipping and a cosine
-//! schedule, a NaN/Inf check that stops the stage naming the step, and a progress bar.
+//! The one training loop of the project ([`fit`]): AdamW with clipping and a warmup-cosine
+//! schedule, a method's step hooks, a NaN/Inf check that stops naming the step, and a progress
+//! bar. [`train`] feeds it seeded, bucketed batches of examples; pretraining phases and the
+//! scorer feed it losses of their own ([`LossFn`]).
 
 use crate::method::{Hooks, Step, Vars};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
+use candle_core::Tensor;
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
 use cnext_datasets::rng::Rng;
@@ -72,8 +75,211 @@ pub fn per_sample_fisher(
     sums.into_iter().map(|(k, s)| Ok((k, (s / n)?))).collect()
 }
 
+/// What [`fit`] trains on, one batch per step.
+pub trait Objective {
+    /// The loss of step `step`'s batch.
+    fn loss(&mut self, step: usize, ctx: Ctx) -> candle_core::Result<Tensor>;
+    /// The diagonal empirical Fisher of the batch `loss` last drew (asked for only when a
+    /// hook wants it).
+    fn per_sample_fisher(
+        &mut self,
+        _vars: &Vars,
+        _ctx: Ctx,
+    ) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        candle_core::bail!("this objective has no per-sample gradients")
+    }
+}
+
+/// An objective from a closure over the step index.
+pub struct LossFn<F>(pub F);
+
+impl<F: FnMut(usize) -> candle_core::Result<Tensor>> Objective for LossFn<F> {
+    fn loss(&mut self, step: usize, _ctx: Ctx) -> candle_core::Result<Tensor> {
+        (self.0)(step)
+    }
+}
+
+/// How long and how [`fit`] optimises; `label` names the run in errors and the progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct FitConfig<'a> {
+    pub label: &'a str,
+    pub steps: usize,
+    pub optim: &'a AdamWConfig,
+    /// Seeds each step's [`Ctx`] (dropout-like noise of adapters).
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// Optimises `vars` on `objective` for `cfg.steps` steps, calling `hooks` (`&mut ()` for
+/// none); returns every step's loss.
+pub fn fit(
+    cfg: &FitConfig,
+    vars: &Vars,
+    objective: &mut dyn Objective,
+    hooks: &mut dyn Hooks,
+) -> Result<Vec<f64>, TrainError> {
+    let label = cfg.label;
+    let mut opt = AdamW::new(cfg.optim.clone());
+    let bar = if cfg.progress {
+        let b = indicatif::ProgressBar::new(cfg.steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(label.to_string());
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let err = |source| TrainError::Candle {
+            label: label.into(),
+            step,
+            source,
+        };
+        let ctx = Ctx {
+            train: true,
+            step_seed: cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
+        };
+        let loss = objective.loss(step, ctx).map_err(err)?;
+        let loss = hooks.loss(loss, vars).map_err(err)?;
+        let lv = loss.to_scalar::<f32>().map_err(err)?;
+        if !lv.is_finite() {
+            return Err(TrainError::NonFinite {
+                label: label.into(),
+                step,
+                loss: lv,
+            });
+        }
+        let mut grads = loss.backward().map_err(err)?;
+        if hooks.wants_per_sample_fisher() {
+            let f = objective.per_sample_fisher(vars, ctx).map_err(err)?;
+            hooks.per_sample_fisher(f).map_err(err)?;
+        }
+        let at = Step {
+            index: step,
+            total: cfg.steps,
+        };
+        hooks.adjust_grads(at, &mut grads, vars).map_err(err)?;
+        let norm = AdamW::grad_norm(vars, &grads).map_err(err)?;
+        let scale = if norm > cfg.optim.grad_clip {
+            cfg.optim.grad_clip / norm
+        } else {
+            1.0
+        };
+        let lr = lr_at(cfg.optim, step, cfg.steps);
+        opt.step(vars, &grads, lr, scale).map_err(err)?;
+        hooks.after_step(at, &grads, vars).map_err(err)?;
+        losses.push(f64::from(lv));
+        bar.inc(1);
+        if step % 10 == 0 {
+            bar.set_message(format!("loss {lv:.4}"));
+        }
+    }
+    bar.finish_and_clear();
+    Ok(losses)
+}
+
+/// Mean loss over the first and the last (up to) 10 steps.
+pub fn head_tail(losses: &[f64]) -> (f64, f64) {
+    let k = losses.len().min(10);
+    let mean = |s: &[f64]| {
+        if s.is_empty() {
+            f64::NAN
+        } else {
+            s.iter().sum::<f64>() / s.len() as f64
+        }
+    };
+    (mean(&losses[..k]), mean(&losses[losses.len() - k..]))
+}
+
+/// Seeded batches of examples, each from one bucket of similar examples (same image size and
+/// answer kind): padding to the longest sequence of a mixed batch more than doubled the cost
+/// of a step. Buckets are picked in proportion to their size.
+struct Batches<'a> {
+    backbone: &'a dyn Backbone,
+    examples: &'a [Example],
+    batch_size: usize,
+    rng: Rng,
+    buckets: Vec<(Vec<usize>, usize)>,
+    last: Vec<Example>,
+}
+
+impl<'a> Batches<'a> {
+    fn new(
+        backbone: &'a dyn Backbone,
+        examples: &'a [Example],
+        cfg: &TrainConfig,
+        label: &str,
+    ) -> Self {
+        let mut rng = Rng::derive(cfg.seed, label);
+        let mut buckets: BTreeMap<(u32, u32, bool), Vec<usize>> = BTreeMap::new();
+        for (i, e) in examples.iter().enumerate() {
+            let dims = e
+                .prompt
+                .image
+                .as_ref()
+                .map_or((0, 0), |im| (im.width(), im.height()));
+            let image_out = matches!(e.target, cnext_backbones::Target::Image(_));
+            buckets
+                .entry((dims.0, dims.1, image_out))
+                .or_default()
+                .push(i);
+        }
+        let mut buckets: Vec<(Vec<usize>, usize)> = buckets.into_values().map(|v| (v, 0)).collect();
+        for (b, _) in buckets.iter_mut() {
+            rng.shuffle(b);
+        }
+        Batches {
+            backbone,
+            examples,
+            batch_size: cfg.batch_size,
+            rng,
+            buckets,
+            last: vec![],
+        }
+    }
+}
+
+impl Objective for Batches<'_> {
+    fn loss(&mut self, _step: usize, ctx: Ctx) -> candle_core::Result<Tensor> {
+        let mut pick = self.rng.below(self.examples.len());
+        let mut which = 0;
+        for (k, (b, _)) in self.buckets.iter().enumerate() {
+            if pick < b.len() {
+                which = k;
+                break;
+            }
+            pick -= b.len();
+        }
+        let (order, cursor) = &mut self.buckets[which];
+        self.last.clear();
+        for _ in 0..self.batch_size.min(order.len()) {
+            if *cursor == order.len() {
+                self.rng.shuffle(order);
+                *cursor = 0;
+            }
+            self.last.push(self.examples[order[*cursor]].clone());
+            *cursor += 1;
+        }
+        self.backbone.loss(&self.last, ctx)
+    }
+
+    fn per_sample_fisher(
+        &mut self,
+        vars: &Vars,
+        ctx: Ctx,
+    ) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        per_sample_fisher(self.backbone, vars, &self.last, ctx)
+    }
+}
+
 /// Trains `vars` (the backbone's trainable variables) on `examples`, calling a method's step
-/// hooks (`&mut ()` for none). `label` names the stage in errors and the progress bar.
+/// hooks (`&mut ()` for none). `label` names the stage in errors and the progress bar, and
+/// the shuffle stream.
 pub fn train(
     backbone: &dyn Backbone,
     vars: &Vars,
@@ -88,120 +294,21 @@ pub fn train(
             label: label.into(),
         });
     }
-    let mut rng = Rng::derive(cfg.seed, label);
-    // Batches are drawn from one bucket of similar examples at a time (same image size and
-    // answer kind): padding to the longest sequence of a mixed batch more than doubled the
-    // cost of a step. Buckets are picked in proportion to their size.
-    let mut buckets: BTreeMap<(u32, u32, bool), Vec<usize>> = BTreeMap::new();
-    for (i, e) in examples.iter().enumerate() {
-        let dims = e
-            .prompt
-            .image
-            .as_ref()
-            .map_or((0, 0), |im| (im.width(), im.height()));
-        let image_out = matches!(e.target, cnext_backbones::Target::Image(_));
-        buckets
-            .entry((dims.0, dims.1, image_out))
-            .or_default()
-            .push(i);
-    }
-    let mut buckets: Vec<(Vec<usize>, usize)> = buckets.into_values().map(|v| (v, 0)).collect();
-    for (b, _) in buckets.iter_mut() {
-        rng.shuffle(b);
-    }
-    let mut opt = AdamW::new(cfg.optim.clone());
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(cfg.steps as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_prefix(label.to_string());
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
     let start = Instant::now();
-    let mut losses = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
-        let mut pick = rng.below(examples.len());
-        let mut which = 0;
-        for (k, (b, _)) in buckets.iter().enumerate() {
-            if pick < b.len() {
-                which = k;
-                break;
-            }
-            pick -= b.len();
-        }
-        let (order, cursor) = &mut buckets[which];
-        let mut batch = Vec::with_capacity(cfg.batch_size);
-        for _ in 0..cfg.batch_size.min(order.len()) {
-            if *cursor == order.len() {
-                rng.shuffle(order);
-                *cursor = 0;
-            }
-            batch.push(examples[order[*cursor]].clone());
-            *cursor += 1;
-        }
-        let err = |source| TrainError::Candle {
-            label: label.into(),
-            step,
-            source,
-        };
-        let ctx = Ctx {
-            train: true,
-            step_seed: cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
-        };
-        let loss = backbone.loss(&batch, ctx).map_err(err)?;
-        let loss = hooks.loss(loss, vars).map_err(err)?;
-        let lv = loss.to_scalar::<f32>().map_err(err)?;
-        if !lv.is_finite() {
-            return Err(TrainError::NonFinite {
-                label: label.into(),
-                step,
-                loss: lv,
-            });
-        }
-        let mut grads = loss.backward().map_err(err)?;
-        if hooks.wants_per_sample_fisher() {
-            let f = per_sample_fisher(backbone, vars, &batch, ctx).map_err(err)?;
-            hooks.per_sample_fisher(f).map_err(err)?;
-        }
-        let at = Step {
-            index: step,
-            total: cfg.steps,
-        };
-        hooks.adjust_grads(at, &mut grads, vars).map_err(err)?;
-        let norm = AdamW::grad_norm(vars, &grads).map_err(err)?;
-        let scale = if norm > cfg.optim.grad_clip {
-            cfg.optim.grad_clip / norm
-        } else {
-            1.0
-        };
-        let lr = lr_at(&cfg.optim, step, cfg.steps);
-        opt.step(vars, &grads, lr, scale).map_err(err)?;
-        hooks.after_step(at, &grads, vars).map_err(err)?;
-        losses.push(f64::from(lv));
-        bar.inc(1);
-        if step % 10 == 0 {
-            bar.set_message(format!("loss {lv:.4}"));
-        }
-    }
-    bar.finish_and_clear();
-    let k = losses.len().min(10);
-    let mean = |s: &[f64]| {
-        if s.is_empty() {
-            f64::NAN
-        } else {
-            s.iter().sum::<f64>() / s.len() as f64
-        }
+    let mut batches = Batches::new(backbone, examples, cfg, label);
+    let fc = FitConfig {
+        label,
+        steps: cfg.steps,
+        optim: &cfg.optim,
+        seed: cfg.seed,
+        progress,
     };
+    let losses = fit(&fc, vars, &mut batches, hooks)?;
+    let (first_loss, last_loss) = head_tail(&losses);
     Ok(StageStats {
         steps: cfg.steps,
-        first_loss: mean(&losses[..k]),
-        last_loss: mean(&losses[losses.len() - k..]),
+        first_loss,
+        last_loss,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

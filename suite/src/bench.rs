@@ -119,15 +119,13 @@ pub fn step(
     steps: usize,
 ) -> Result<()> {
     use cnext_adapters::{AdapterPlan, LoraConfig};
-    use cnext_backbones::Backbone;
     use cnext_harness::train::{train, TrainConfig};
     let cache = crate::cache_dir(None);
     let bench =
         cnext_suite::setup::Bench::open(profile, 0, cache, cnext_harness::device::DeviceSpec::Cpu)?;
     let data = cnext_datasets::loader::load_task(&bench.data_root, task)?;
     let examples = cnext_harness::tasks::train_examples(&data)?;
-    let cfg =
-        cnext_suite::setup::run_config(profile, cnext_core::Order::DefaultOrder, 0, None, None);
+    let cfg = bench.run_config(cnext_core::Order::DefaultOrder, 0, None, None);
     let lora = LoraConfig::default();
     let plans = [
         ("lora r=8", AdapterPlan::lora(lora.clone(), 0)),
@@ -137,13 +135,21 @@ pub fn step(
     // Three rounds, alternating, after one warm-up step each.
     for round in 0..=3 {
         for (i, (_, plan)) in plans.iter().enumerate() {
-            let model = bench.base.model(plan.clone())?;
+            let model = bench.base.build(plan.clone())?;
             let vars = model.trainable();
             let tc = TrainConfig {
                 steps: if round == 0 { 1 } else { steps },
                 ..cfg.stage.clone()
             };
-            let s = train(&model, &vars, &examples, &tc, "bench", false, &mut ())?;
+            let s = train(
+                model.as_ref(),
+                &vars,
+                &examples,
+                &tc,
+                "bench",
+                false,
+                &mut (),
+            )?;
             if round > 0 {
                 times[i] += s.seconds / steps as f64 / 3.0;
             }

@@ -198,25 +198,14 @@ fn first<T>(v: Vec<T>) -> Result<T> {
 /// PNG-encodes `img` in memory, then writes it through a temp file in the same folder and a
 /// rename, so `path` is never left half-written (the temp file is removed on failure).
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    use std::io::Write;
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)
         .with_context(|| format!("{}: cannot encode the PNG", path.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: --out needs a file name", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes.get_ref()).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write the image", path.display()));
+    if path.file_name().is_none() {
+        anyhow::bail!("{}: --out needs a file name", path.display());
     }
-    Ok(())
+    cnext_core::fsx::write_atomic(path, bytes.get_ref())
+        .with_context(|| format!("{}: cannot write the image", path.display()))
 }
 
 fn llama(

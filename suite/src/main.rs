@@ -12,7 +12,7 @@ use cnext_datasets::loader::{load_test_file, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use cnext_harness::device::DeviceSpec;
 use cnext_suite::seeds::opt2;
-use cnext_suite::setup::{cache_dir, ensure_clip, ensure_profile_base};
+use cnext_suite::setup::{cache_dir, ensure_base, ensure_clip};
 use comfy_table::Table;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -93,7 +93,7 @@ enum Cmd {
         #[arg(long = "set", value_name = "PATH=VALUE", value_parser = parse_override)]
         set: Vec<(String, serde_json::Value)>,
     },
-    /// Build (or load) the cached pretrained nano base of a profile.
+    /// Build (or load) the cached pretrained built-in base of a profile.
     Base {
         #[arg(long, default_value = "mini", value_parser = parse_profile)]
         profile: DataProfile,
@@ -325,7 +325,14 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             cache,
             device,
-        } => ensure_profile_base(&cache_dir(cache), profile, seed, device).map(|_| ()),
+        } => ensure_base(
+            &cache_dir(cache),
+            profile,
+            seed,
+            &cnext_bases::BaseSpec::builtin(profile, seed),
+            device,
+        )
+        .map(|_| ()),
         Cmd::Run {
             method,
             order,

@@ -9,7 +9,7 @@
 //! The default order runs by default; the other orders are ignored (`--include-ignored`).
 
 use crate::names::{Check, Stage, TestName};
-use crate::setup::{run_config, Bench};
+use crate::setup::Bench;
 use crate::snapshot::{self, Snapshot, Tolerance};
 use cnext_core::metrics::Metrics;
 use cnext_core::{AccuracyMatrix, Order, TaskId};
@@ -182,7 +182,7 @@ fn chain(
     if let Some(c) = m.get(&key) {
         return Ok(c);
     }
-    let cfg: &'static _ = Box::leak(Box::new(run_config(profile, order, 0, None, None)));
+    let cfg: &'static _ = Box::leak(Box::new(b.run_config(order, 0, None, None)));
     let c = b
         .chain(cfg, method.factory())
         .map_err(|e| format!("{e:#}"))?;
@@ -206,17 +206,10 @@ fn snapshot_of(name: &TestName, method: &MethodEntry) -> Result<Snapshot, String
     let mut prov = BTreeMap::new();
     prov.insert("seed".into(), serde_json::json!(c.cfg.seed));
     prov.insert("cnext".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
-    prov.insert(
-        "base".into(),
-        serde_json::json!(c
-            .base
-            .dir
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())),
-    );
+    prov.insert("base".into(), serde_json::json!(c.base.name()));
     prov.insert(
         "device".into(),
-        serde_json::json!(cnext_harness::run::device_name(&c.base.device)),
+        serde_json::json!(cnext_harness::run::device_name(c.base.device())),
     );
     prov.insert(
         "method_config".into(),

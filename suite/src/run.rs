@@ -10,7 +10,7 @@ use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
 use cnext_suite::seeds::{opt2, summarize, summary_markdown, summary_table};
-use cnext_suite::setup::{cache_dir, run_config, Bench};
+use cnext_suite::setup::{cache_dir, Bench};
 use comfy_table::Table;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -150,7 +150,7 @@ fn one_seed(
     out: &std::path::Path,
     judge: Option<&dyn Judge>,
 ) -> Result<RunResult> {
-    let cfg = run_config(a.profile, a.order, seed, a.steps, a.lr);
+    let cfg = bench.run_config(a.order, seed, a.steps, a.lr);
     let mut chain = bench.chain(&cfg, factory.clone())?;
     chain.progress = true;
     run(&chain, out, judge).with_context(|| format!("{} seed {seed}", a.method.id))

@@ -190,7 +190,7 @@ mod tests {
         RunResult {
             method: "lora".into(),
             method_config: serde_json::json!({}),
-            config: RunConfig::new(Order::DefaultOrder, 0, 1),
+            config: RunConfig::new(Order::DefaultOrder, 0, 1, Default::default()),
             metrics: Metrics::of(&m),
             matrix: m,
             stages: vec![],

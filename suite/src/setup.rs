@@ -4,9 +4,11 @@
 //! two processes from building the same asset twice.
 
 use anyhow::{Context, Result};
+use cnext_backbones::BaseModel;
+use cnext_bases::{BaseSpec, Opened};
+use cnext_core::hash::key16;
 use cnext_core::Order;
 use cnext_datasets::{DataProfile, GenConfig};
-use cnext_harness::assets::{ensure_base, fnv_hex, Base, BaseConfig};
 use cnext_harness::clip::{train_tiny_clip, ClipTrainConfig, TinyClip};
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::run::RunConfig;
@@ -60,26 +62,24 @@ pub fn ensure_data(cache: &Path, profile: DataProfile, seed: u64) -> Result<Path
     Ok(root)
 }
 
-/// The pretrained nano base of a profile, pretrained on first use.
-pub fn ensure_profile_base(
+/// The base of `spec` on `device`: a built-in base is pretrained on first use from the
+/// profile's data; a model directory is checked and hashed.
+pub fn ensure_base(
     cache: &Path,
     profile: DataProfile,
     seed: u64,
+    spec: &BaseSpec,
     device: DeviceSpec,
-) -> Result<Base> {
+) -> Result<Opened> {
     let root = ensure_data(cache, profile, seed)?;
-    let cfg = match profile {
-        DataProfile::Mini => BaseConfig::mini(seed),
-        DataProfile::Smoke => BaseConfig::smoke(seed),
-    };
     let _l = lock(cache, &format!("base-{}-seed{seed}", profile.as_str()))?;
-    let b = ensure_base(cache, &root, &cfg, &device.open()?, true)?;
+    let b = cnext_bases::open(spec, cache, &root, &device.open()?, true)?;
     match b.built {
         Some((s, l0, l1)) => eprintln!(
             "built base {} in {s:.1} s (pretraining loss {l0:.3} -> {l1:.3})",
-            b.dir.display()
+            b.location.display()
         ),
-        None => eprintln!("base {} (cached)", b.dir.display()),
+        None => eprintln!("base {} ({})", b.base.name(), b.location.display()),
     }
     Ok(b)
 }
@@ -103,9 +103,7 @@ fn clip_config(profile: DataProfile, seed: u64) -> ClipTrainConfig {
 
 /// The key of a profile's scorer (part of every stage key: scores depend on it).
 pub fn clip_key(profile: DataProfile, seed: u64) -> Result<String> {
-    Ok(fnv_hex(&serde_json::to_string(&clip_config(
-        profile, seed,
-    ))?))
+    Ok(key16(&serde_json::to_string(&clip_config(profile, seed))?))
 }
 
 /// The CLIP-like scorer of a seed, trained once and cached.
@@ -134,16 +132,17 @@ pub fn ensure_clip(cache: &Path, profile: DataProfile, seed: u64) -> Result<Tiny
     Ok(m)
 }
 
-/// The run settings of a profile (`steps` and `lr` override the per-stage steps and peak
-/// learning rate).
+/// The run settings of a profile on `base` (its parameter groups; `steps` and `lr` override
+/// the per-stage steps and peak learning rate).
 pub fn run_config(
     profile: DataProfile,
+    base: &dyn BaseModel,
     order: Order,
     seed: u64,
     steps: Option<usize>,
     lr: Option<f64>,
 ) -> RunConfig {
-    let mut cfg = RunConfig::new(order, seed, 0);
+    let mut cfg = RunConfig::new(order, seed, 0, base.lr_scale());
     match profile {
         // 600 steps x 16 (twice the updates of 300 x 32 at the same cost). The lr was chosen
         // on the instruction-tuned base (mix v3; lora, default order, seed 0): 6e-3 forgets
@@ -174,19 +173,37 @@ pub struct Bench {
     pub seed: u64,
     pub cache: PathBuf,
     pub data_root: PathBuf,
-    pub base: Base,
+    pub base: Box<dyn BaseModel>,
     pub clip: TinyClip,
 }
 
 impl Bench {
+    /// The profile's built-in base.
     pub fn open(
         profile: DataProfile,
         seed: u64,
         cache: PathBuf,
         device: DeviceSpec,
     ) -> Result<Self> {
+        Self::open_on(
+            profile,
+            seed,
+            cache,
+            &BaseSpec::builtin(profile, seed),
+            device,
+        )
+    }
+
+    /// The profile's data and scorer with the base of `spec`.
+    pub fn open_on(
+        profile: DataProfile,
+        seed: u64,
+        cache: PathBuf,
+        spec: &BaseSpec,
+        device: DeviceSpec,
+    ) -> Result<Self> {
         let data_root = ensure_data(&cache, profile, seed)?;
-        let base = ensure_profile_base(&cache, profile, seed, device)?;
+        let base = ensure_base(&cache, profile, seed, spec, device)?.base;
         let clip = ensure_clip(&cache, profile, seed)?;
         Ok(Bench {
             profile,
@@ -198,6 +215,17 @@ impl Bench {
         })
     }
 
+    /// The profile's run settings on this bench's base (see [`run_config`]).
+    pub fn run_config(
+        &self,
+        order: Order,
+        seed: u64,
+        steps: Option<usize>,
+        lr: Option<f64>,
+    ) -> RunConfig {
+        run_config(self.profile, self.base.as_ref(), order, seed, steps, lr)
+    }
+
     /// The chain of `method` over the order of `cfg` on this bench.
     pub fn chain<'a>(
         &'a self,
@@ -206,13 +234,13 @@ impl Bench {
     ) -> Result<cnext_harness::stages::Chain<'a, TinyClip>> {
         Ok(cnext_harness::stages::Chain::new(
             &self.cache,
-            &self.base,
+            self.base.as_ref(),
             &self.data_root,
             data_key(self.profile, self.seed),
             &self.clip,
             clip_key(self.profile, self.seed)?,
             cfg,
             method,
-        ))
+        )?)
     }
 }

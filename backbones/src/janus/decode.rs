@@ -17,7 +17,7 @@
 
 use super::llama::{KvCache, LeftPadded};
 use super::model::{JanusModel, PreparedPrompt, Slot};
-use crate::nano::backbone::max_of_distributions;
+use crate::max_of_distributions;
 use candle_core::{Result, Tensor, Var};
 use cnext_adapters::Ctx;
 use std::collections::BTreeMap;

@@ -5,23 +5,10 @@
 use super::model::{KvCache, NanoModel, Slot};
 use super::tokenizer::{Tokenizer, BOI, BOS, EOS, SEP};
 use super::vq::Codebook;
-use crate::{Backbone, Example, Output, OutputKind, Prompt, Target};
+use crate::{max_of_distributions, Backbone, Example, Output, OutputKind, Prompt, Target};
 use candle_core::{Result, Tensor, Var, D};
 use cnext_adapters::{AdapterPlan, Ctx};
 use std::collections::BTreeMap;
-
-/// The elementwise max of the members' next-token distributions (LAE's ensemble).
-pub fn max_of_distributions(logits: &[Tensor]) -> Result<Tensor> {
-    let mut acc: Option<Tensor> = None;
-    for l in logits {
-        let p = candle_nn::ops::softmax(l, D::Minus1)?;
-        acc = Some(match acc {
-            Some(a) => a.maximum(&p)?,
-            None => p,
-        });
-    }
-    acc.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one member".into()))
-}
 
 /// Grid of generated images in patches (24 x 24 pixel scenes).
 pub const GEN_GRID: u32 = 3;

@@ -14,7 +14,8 @@
 //! used (`ops::softmax`, `log_softmax`, `rms_norm_slow`; see DESIGN.md), weights are
 //! initialised from our seeded generator, so a seed gives bit-identical models.
 
-use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
+use crate::train::{fit, FitConfig, LossFn, TrainError};
 use candle_core::{Device, Tensor, Var, D};
 use candle_nn::ops::{log_softmax, rms_norm_slow, softmax};
 use cnext_core::scoring::clip::ClipModel;
@@ -72,8 +73,8 @@ pub enum ClipError {
     Invalid { path: PathBuf, msg: String },
     #[error("bad tiny CLIP config: {0}")]
     Config(String),
-    #[error("tiny CLIP training step {step}: loss is {loss} (not finite)")]
-    NonFinite { step: usize, loss: f32 },
+    #[error(transparent)]
+    Train(#[from] TrainError),
     #[error("retrieval needs at least one image/caption pair")]
     Empty,
     #[error("cannot embed an empty ({width}x{height}) image")]
@@ -362,19 +363,32 @@ fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> ClipError + '_ {
     }
 }
 
-/// Writes `path` through a temporary file in the same folder and a rename, so a crash never
-/// leaves a half-written file under the real name.
+/// [`cnext_core::fsx::write_atomic_with`], the error naming `path`.
 fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), ClipError>,
 ) -> Result<(), ClipError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
-    let res = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(io_err(path)));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    cnext_core::fsx::write_atomic_with(path, |tmp| write(tmp).map_err(Wrapped::Clip)).map_err(|e| {
+        match e {
+            Wrapped::Clip(e) => e,
+            Wrapped::Io(source) => ClipError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    })
+}
+
+/// A writer error, or the temp file's own I/O (sync, rename).
+enum Wrapped {
+    Clip(ClipError),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for Wrapped {
+    fn from(e: std::io::Error) -> Self {
+        Wrapped::Io(e)
     }
-    res
 }
 
 impl TinyClip {

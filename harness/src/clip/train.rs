@@ -157,13 +157,11 @@ pub fn train_tiny_clip(
         warmup_ratio: 0.05,
         ..AdamWConfig::default()
     };
-    let mut opt = AdamW::new(ocfg.clone());
     let mut rng = Rng::derive(cfg.seed, "tiny-clip/train");
-    let mut losses = Vec::with_capacity(cfg.steps);
     let tokenizer = TinyClip::new(arch.clone(), Params::new());
-    for step in 0..cfg.steps {
+    let mut objective = LossFn(|_step| {
         let (imgs, caps) = training_batch(cfg, &mut rng);
-        let mut x = image_tensor(&imgs)?;
+        let mut x = image_tensor(&imgs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         if cfg.pixel_noise > 0.0 {
             let seed = rng.next_u64();
             let noise = cnext_adapters::normal_values(seed, "noise", x.elem_count(), 1.0);
@@ -174,28 +172,20 @@ pub fn train_tiny_clip(
         let p: Params = (vars.iter())
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
-        let loss = info_nce(
+        info_nce(
             &encode_images(&p, &arch, &x)?,
             &encode_texts(&p, &arch, &ids)?,
             cfg.temperature,
-        )?;
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(ClipError::NonFinite { step, loss: value });
-        }
-        losses.push(f64::from(value));
-        let grads = loss.backward()?;
-        let norm = AdamW::grad_norm(&vars, &grads)?;
-        let clip = if norm > ocfg.grad_clip {
-            ocfg.grad_clip / norm
-        } else {
-            1.0
-        };
-        opt.step(&vars, &grads, lr_at(&ocfg, step, cfg.steps), clip)?;
-        if progress && (step + 1) % (cfg.steps / 10).max(1) == 0 {
-            eprintln!("tiny CLIP step {}/{}: loss {value:.4}", step + 1, cfg.steps);
-        }
-    }
+        )
+    });
+    let fc = FitConfig {
+        label: "tiny CLIP",
+        steps: cfg.steps,
+        optim: &ocfg,
+        seed: cfg.seed,
+        progress,
+    };
+    let losses = fit(&fc, &vars, &mut objective, &mut ())?;
     let params = (vars.iter())
         .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
         .collect();

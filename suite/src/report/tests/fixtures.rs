@@ -67,7 +67,7 @@ pub(super) fn run_result(
     RunResult {
         method: method.into(),
         method_config: serde_json::json!({}),
-        config: RunConfig::new(Order::DefaultOrder, seed, 300),
+        config: RunConfig::new(Order::DefaultOrder, seed, 300, Default::default()),
         metrics: Metrics::of(&matrix).rounded(),
         stages: vec![None; n],
         eval_seconds: vec![1.0; n],

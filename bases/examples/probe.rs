@@ -13,10 +13,10 @@
 use candle_core::Device;
 use cnext_adapters::{AdapterPlan, LoraConfig};
 use cnext_backbones::nano::backbone::NanoBackbone;
+use cnext_bases::nano::{ensure_base, BaseConfig};
 use cnext_core::TaskId;
 use cnext_datasets::loader::load_task;
 use cnext_datasets::TaskSpec;
-use cnext_harness::assets::{ensure_base, BaseConfig};
 use cnext_harness::clip::TinyClip;
 use cnext_harness::eval::evaluate;
 use cnext_harness::optim::AdamWConfig;
@@ -159,7 +159,10 @@ fn main() -> anyhow::Result<()> {
         &TaskSpec::of(task),
         &ev,
         Some(&clip),
-        64,
+        cnext_harness::eval::Generation {
+            batch: 64,
+            max_new_tokens: 32,
+        },
         "probe",
         &|q: &str| format!("{q}.png"),
     )?;
@@ -209,7 +212,7 @@ fn base_model(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<NanoB
 fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
     use cnext_backbones::{Backbone, Output, OutputKind, Target};
     let model = base_model(cache, cfg)?;
-    let ex = cnext_harness::pretrain::mix(12345, 800, &[]);
+    let ex = cnext_bases::nano::pretrain::mix(12345, 800, &[]);
     let mut by: std::collections::BTreeMap<String, (usize, usize, Vec<String>)> =
         Default::default();
     let text: Vec<_> = ex
@@ -292,8 +295,8 @@ fn pre(cache: &std::path::Path, cfg: &BaseConfig) -> anyhow::Result<()> {
 /// binds the noun to its patch answers the two differently; one that ignores the noun does not.
 fn bind(cache: &std::path::Path) -> anyhow::Result<()> {
     use cnext_backbones::{Backbone, Output, OutputKind, Prompt};
+    use cnext_bases::nano::pretrain::cell_answer;
     use cnext_datasets::{rng::Rng, scene::Scene};
-    use cnext_harness::pretrain::cell_answer;
     let model = base_model(cache, &BaseConfig::mini(0))?;
     let mut rng = Rng::new(99);
     {

@@ -377,7 +377,7 @@ fn vision_pretraining_learns_and_leaves_its_parts_out_of_the_mix() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let (first, last) =
-        cnext_harness::vision::pretrain_encoder(&m, &encoder, 40, 0, &Device::Cpu).unwrap();
+        cnext_bases::nano::vision::pretrain_encoder(&m, &encoder, 40, 0, &Device::Cpu).unwrap();
     assert!(last < 0.8 * first, "encoder loss {first} -> {last}");
     let gate: BTreeMap<_, _> = vars
         .iter()
@@ -385,11 +385,12 @@ fn vision_pretraining_learns_and_leaves_its_parts_out_of_the_mix() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let (first, last) =
-        cnext_harness::vision::pretrain_relevance(&m, &gate, &words, 60, 0, &Device::Cpu).unwrap();
+        cnext_bases::nano::vision::pretrain_relevance(&m, &gate, &words, 60, 0, &Device::Cpu)
+            .unwrap();
     assert!(last < 0.8 * first, "relevance loss {first} -> {last}");
-    let mut base = cnext_harness::assets::BaseConfig::smoke(0);
+    let mut base = cnext_bases::nano::BaseConfig::smoke(0);
     base.vision_steps = 2;
-    cnext_harness::vision::pretrain(&m, &mut vars, &words, &base, &Device::Cpu, false).unwrap();
+    cnext_bases::nano::vision::pretrain(&m, &mut vars, &words, &base, &Device::Cpu, false).unwrap();
     assert!(vars.contains_key("relevance.flag") && vars.contains_key("projector.weight"));
     assert!(!vars.keys().any(
         |k| k.starts_with("vision.") || (k.starts_with("relevance.") && k != "relevance.flag")

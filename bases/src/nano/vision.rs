@@ -9,8 +9,6 @@
 //! 2. The relevance gate ([`NanoBackbone::relevance_logits`]): for a phrase of attribute words
 //!    among filler words, it learns which patches belong to the objects the phrase names.
 
-use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::train::TrainError;
 use candle_core::{Device, Result, Tensor, Var};
 use cnext_backbones::nano::backbone::NanoBackbone;
 use cnext_backbones::Prompt;
@@ -18,6 +16,8 @@ use cnext_datasets::classes::{render_sample, CLASS_NAMES};
 use cnext_datasets::covers::{Cover, COVER_COLS};
 use cnext_datasets::rng::Rng;
 use cnext_datasets::scene::{Scene, Shape, Size};
+use cnext_harness::optim::AdamWConfig;
+use cnext_harness::train::{self, FitConfig, LossFn, TrainError};
 use image::RgbImage;
 use std::collections::BTreeMap;
 
@@ -128,8 +128,8 @@ fn sprites(rng: &mut Rng, n: usize) -> Batch {
     b
 }
 
-/// AdamW over `vars` for `steps` on the loss `batch_loss` draws for each step (with the run's
-/// clipping and a non-finite check naming the step); returns (first, last) loss.
+/// The harness's loop over `vars` for `steps` on the loss `batch_loss` draws for each step
+/// (AdamW at 3e-3 without weight decay); returns the mean (first, last) loss.
 fn fit(
     label: &str,
     vars: &BTreeMap<String, Var>,
@@ -137,42 +137,21 @@ fn fit(
     seed: u64,
     mut batch_loss: impl FnMut(&mut Rng) -> Result<Tensor>,
 ) -> std::result::Result<(f64, f64), TrainError> {
-    let err = |step: usize| {
-        move |source| TrainError::Candle {
-            label: label.into(),
-            step,
-            source,
-        }
-    };
-    let cfg = AdamWConfig {
+    let optim = AdamWConfig {
         lr: 3e-3,
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(cfg.clone());
     let mut rng = Rng::derive(seed, label);
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
-    for step in 0..steps {
-        let loss = batch_loss(&mut rng).map_err(err(step))?;
-        let v = loss.to_scalar::<f32>().map_err(err(step))?;
-        if !v.is_finite() {
-            return Err(TrainError::NonFinite {
-                label: label.into(),
-                step,
-                loss: v,
-            });
-        }
-        if step == 0 {
-            first = f64::from(v);
-        }
-        last = f64::from(v);
-        let grads = loss.backward().map_err(err(step))?;
-        let norm = AdamW::grad_norm(vars, &grads).map_err(err(step))?;
-        let clip = (cfg.grad_clip / norm).min(1.0);
-        opt.step(vars, &grads, lr_at(&cfg, step, steps), clip)
-            .map_err(err(step))?;
-    }
-    Ok((first, last))
+    let cfg = FitConfig {
+        label,
+        steps,
+        optim: &optim,
+        seed,
+        progress: false,
+    };
+    let losses = train::fit(&cfg, vars, &mut LossFn(|_| batch_loss(&mut rng)), &mut ())?;
+    Ok(train::head_tail(&losses))
 }
 
 /// Phase 1: trains `vars` (the patch encoder's) on patch labels; returns (first, last) loss.
@@ -314,7 +293,7 @@ pub fn pretrain(
     model: &NanoBackbone,
     vars: &mut BTreeMap<String, Var>,
     words: &[String],
-    cfg: &crate::assets::BaseConfig,
+    cfg: &super::BaseConfig,
     dev: &Device,
     progress: bool,
 ) -> std::result::Result<(), TrainError> {
