@@ -60,7 +60,7 @@ enum Cmd {
         /// folder) and `summary.json` / `summary.md` with mean and std per metric.
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         seeds: Vec<u64>,
-        /// The benchmark's seed: generated data, nano base and scorer (the same for every
+        /// The benchmark's seed: generated data, built-in base and scorer (the same for every
         /// training seed, so all seeds are scored alike).
         #[arg(long, default_value_t = 0)]
         data_seed: u64,

@@ -129,7 +129,7 @@ fn sprites(rng: &mut Rng, n: usize) -> Batch {
 }
 
 /// The harness's loop over `vars` for `steps` on the loss `batch_loss` draws for each step
-/// (AdamW at 3e-3 without weight decay); returns the mean (first, last) loss.
+/// (AdamW at 3e-3 without weight decay); returns the (first, last) step's loss.
 fn fit(
     label: &str,
     vars: &BTreeMap<String, Var>,
@@ -151,7 +151,8 @@ fn fit(
         progress: false,
     };
     let losses = train::fit(&cfg, vars, &mut LossFn(|_| batch_loss(&mut rng)), &mut ())?;
-    Ok(train::head_tail(&losses))
+    let at = |i: Option<&f64>| i.copied().unwrap_or(f64::NAN);
+    Ok((at(losses.first()), at(losses.last())))
 }
 
 /// Phase 1: trains `vars` (the patch encoder's) on patch labels; returns (first, last) loss.
