@@ -41,7 +41,7 @@ impl BaseSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum BaseError {
     #[error(transparent)]
-    Nano(#[from] nano::AssetError),
+    Nano(Box<nano::AssetError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -51,6 +51,12 @@ pub enum BaseError {
     Model(String),
     #[error("base key: {0}")]
     Key(String),
+}
+
+impl From<nano::AssetError> for BaseError {
+    fn from(e: nano::AssetError) -> Self {
+        BaseError::Nano(Box::new(e))
+    }
 }
 
 /// An opened base and what opening it did.

@@ -328,7 +328,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         let mut entries: Vec<StageEntry> = vec![];
         // The model and method in the state after the last entry, once one was trained here.
         let mut live: Option<Live> = None;
-        let mut _training = None;
+        let mut training = None;
         for k in 1..=upto {
             if let Some(e) = self.load(k)? {
                 live = None;
@@ -336,8 +336,8 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 continue;
             }
             // Trainings in this process never overlap; entries are locked across processes.
-            if _training.is_none() {
-                _training = Some(TRAINING.lock().unwrap_or_else(|p| p.into_inner()));
+            if training.is_none() {
+                training = Some(TRAINING.lock().unwrap_or_else(|p| p.into_inner()));
             }
             let name = &self.keys[k - 1].1;
             let locks = self.cache.join("stages").join(".locks");

@@ -118,15 +118,6 @@ impl NanoBackbone {
             extra_trainable: extra,
         })
     }
-
-    /// The current values of every base weight (pretraining) or of the trainable ones.
-    pub fn trainable_tensors(&self) -> BTreeMap<String, Tensor> {
-        use crate::Backbone;
-        self.trainable()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect()
-    }
 }
 
 /// Saves a base checkpoint folder: model.safetensors, config.json, tokenizer.json, codebook.json.

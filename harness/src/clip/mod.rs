@@ -368,20 +368,21 @@ fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), ClipError>,
 ) -> Result<(), ClipError> {
-    cnext_core::fsx::write_atomic_with(path, |tmp| write(tmp).map_err(Wrapped::Clip)).map_err(|e| {
-        match e {
-            Wrapped::Clip(e) => e,
-            Wrapped::Io(source) => ClipError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        }
+    cnext_core::fsx::write_atomic_with(path, |tmp| {
+        write(tmp).map_err(|e| Wrapped::Clip(Box::new(e)))
+    })
+    .map_err(|e| match e {
+        Wrapped::Clip(e) => *e,
+        Wrapped::Io(source) => ClipError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
 /// A writer error, or the temp file's own I/O (sync, rename).
 enum Wrapped {
-    Clip(ClipError),
+    Clip(Box<ClipError>),
     Io(std::io::Error),
 }
 
