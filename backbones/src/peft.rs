@@ -54,6 +54,13 @@ impl From<PeftError> for candle_core::Error {
 
 type Result<T, E = PeftError> = std::result::Result<T, E>;
 
+fn suffix_match(path: &str, target: &str) -> bool {
+    path == target
+        || path
+            .strip_suffix(target)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
 /// `target_modules`: PEFT accepts a list of names or a regex string.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -101,6 +108,26 @@ impl PeftConfig {
         }
     }
 
+    /// Whether PEFT adapts the module at `path`: a target is a full path or its suffix at a
+    /// `.` boundary (PEFT's rule for a list, and ours: `AdapterPlan::targets`).
+    pub fn targets_module(&self, path: &str) -> bool {
+        self.targets().iter().any(|t| suffix_match(path, t))
+    }
+
+    /// The module of a full-weight key under `modules_to_save`, if any.
+    fn saved_module(&self, key: &str) -> Option<&str> {
+        let mods = self.modules_to_save.as_deref().unwrap_or_default();
+        let module = key.rsplit_once('.').map_or(key, |(m, _)| m);
+        // A saved module may hold submodules (an aligner's fc1): match any ancestor.
+        let mut m = module;
+        loop {
+            if let Some(hit) = mods.iter().find(|s| suffix_match(m, s)) {
+                return Some(hit);
+            }
+            m = m.rsplit_once('.')?.0;
+        }
+    }
+
     /// Errors for every PEFT setting that our LoRA would silently compute differently.
     fn check(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| PeftError::Mismatch {
@@ -132,10 +159,6 @@ impl PeftConfig {
             (!self.rank_pattern.is_empty(), "a rank_pattern"),
             (!self.alpha_pattern.is_empty(), "an alpha_pattern"),
             (
-                self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
-                "modules_to_save",
-            ),
-            (
                 self.layers_to_transform
                     .as_ref()
                     .is_some_and(|v| !v.is_null()),
@@ -162,6 +185,8 @@ pub struct PeftAdapter {
     pub config: PeftConfig,
     /// `<module path>.lora_{A,B}.<adapter>.weight` -> f32 tensor on the CPU.
     pub weights: BTreeMap<String, Tensor>,
+    /// Full weights of `modules_to_save` (e.g. a trained connector), by parameter path.
+    pub saved: BTreeMap<String, Tensor>,
 }
 
 fn read_config(path: &Path) -> Result<PeftConfig> {
@@ -201,6 +226,7 @@ impl PeftAdapter {
             msg,
         };
         let mut weights = BTreeMap::new();
+        let mut saved = BTreeMap::new();
         for (key, t) in raw {
             let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
                 mismatch(format!("key {key:?} does not start with {PEFT_PREFIX:?}"))
@@ -209,15 +235,19 @@ impl PeftAdapter {
                 (m, "lora_A")
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, "lora_B")
+            } else if config.saved_module(rest).is_some() {
+                saved.insert(rest.to_string(), t.to_dtype(DType::F32)?);
+                continue;
             } else {
                 return Err(mismatch(format!(
-                    "key {key:?} is not a LoRA A/B weight (`...lora_A.weight` / `...lora_B.weight`)"
+                    "key {key:?} is neither a LoRA A/B weight (`...lora_A.weight` / \
+                     `...lora_B.weight`) nor in modules_to_save {:?}",
+                    config.modules_to_save.as_deref().unwrap_or_default()
                 )));
             };
-            let leaf = module.rsplit('.').next().unwrap_or(module);
-            if !targets.contains(leaf) {
+            if !config.targets_module(module) {
                 return Err(mismatch(format!(
-                    "key {key:?}: module {leaf:?} is not in target_modules {targets:?}"
+                    "key {key:?}: module {module:?} is not in target_modules {targets:?}"
                 )));
             }
             let (rows, cols) = t.dims2().map_err(|src| PeftError::Tensor {
@@ -251,6 +281,7 @@ impl PeftAdapter {
             dir: dir.to_path_buf(),
             config,
             weights,
+            saved,
         })
     }
 
@@ -341,17 +372,51 @@ impl PeftAdapter {
         }
         Ok(())
     }
+
+    /// Loads the `modules_to_save` weights into the model's trainable variables of the same
+    /// names (e.g. Janus's connectors), checking names and shapes first.
+    pub fn apply_saved(&self, vars: &BTreeMap<String, candle_core::Var>) -> Result<()> {
+        let path = self.dir.join(WEIGHTS_FILE);
+        let bad = |msg: String| PeftError::Mismatch {
+            path: path.clone(),
+            msg,
+        };
+        for (name, t) in &self.saved {
+            let Some(v) = vars.get(name) else {
+                return Err(bad(format!(
+                    "{name} (modules_to_save): the model has no such trainable weight"
+                )));
+            };
+            if v.dims() != t.dims() {
+                return Err(bad(format!(
+                    "{name}: shape {:?} in the file, {:?} in the model",
+                    t.dims(),
+                    v.dims()
+                )));
+            }
+        }
+        for (name, t) in &self.saved {
+            let v = &vars[name];
+            v.set(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
+        }
+        Ok(())
+    }
 }
 
-/// What [`export`] writes besides the weights.
+/// What [`export`] writes besides the adapters.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
     pub base_model_name_or_path: Option<String>,
+    /// Modules trained in full (PEFT `modules_to_save`, e.g. `model.aligner`) and their
+    /// weights by parameter path (`model.aligner.fc1.weight`).
+    pub modules_to_save: Vec<String>,
+    pub saved: BTreeMap<String, Tensor>,
 }
 
 /// The PEFT tensors of a plan's adapters, by PEFT key: one LoRA per adapted linear; equal-weight
 /// experts stacked into one LoRA of the total rank. Errors for MoELoRA (its router has no PEFT
-/// LoRA form) and for a plan without adapters.
+/// LoRA form), for a plan that merges adapters into its base weights, and for a plan without
+/// adapters.
 pub fn peft_tensors(plan: &AdapterPlan) -> Result<BTreeMap<String, Tensor>> {
     let Some(_) = &plan.lora else {
         return Err(PeftError::Unrepresentable(
@@ -363,6 +428,13 @@ pub fn peft_tensors(plan: &AdapterPlan) -> Result<BTreeMap<String, Tensor>> {
         return Err(PeftError::Unrepresentable(
             "MoELoRA's token-level router (lora_router) cannot be represented in a PEFT LoRA; \
              only plain LoRA and equal-weight experts (one LoRA of the total rank) export"
+                .into(),
+        ));
+    }
+    if plan.is_mergeable() {
+        return Err(PeftError::Unrepresentable(
+            "the plan merges each task's LoRA into the base weights (RegLoRA): the merged \
+             weights differ from the base by more than one LoRA"
                 .into(),
         ));
     }
@@ -383,7 +455,9 @@ pub fn peft_tensors(plan: &AdapterPlan) -> Result<BTreeMap<String, Tensor>> {
             let t = Tensor::cat(&parts, if ab == "lora_A" { 0 } else { 1 })?;
             out.insert(
                 format!("{PEFT_PREFIX}{path}.{ab}.weight"),
-                t.to_device(&Device::Cpu)?.contiguous()?,
+                t.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?,
             );
         }
     }
@@ -391,23 +465,39 @@ pub fn peft_tensors(plan: &AdapterPlan) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// Writes `plan`'s adapters as a PEFT LoRA directory (`adapter_config.json` and
-/// `adapter_model.safetensors`), creating `dir`. `r` is the total rank and `lora_alpha` the
-/// plan's alpha, so PEFT's scale `lora_alpha / r` equals ours.
+/// `adapter_model.safetensors`, each written atomically), creating `dir`. `r` is the total
+/// rank and `lora_alpha` the plan's alpha, so PEFT's scale `lora_alpha / r` equals ours.
+/// `target_modules` lists the full path of every adapted linear: PEFT then adapts exactly
+/// those, not also same-named linears elsewhere (a vision tower's `q_proj`).
 pub fn export(plan: &AdapterPlan, dir: &Path, opts: &ExportOptions) -> Result<()> {
-    let tensors = peft_tensors(plan)?;
+    let mut tensors = peft_tensors(plan)?;
     let Some(cfg) = &plan.lora else {
         return Err(PeftError::Unrepresentable(
             "the plan has no adapters".into(),
         ));
     };
-    std::fs::create_dir_all(dir).map_err(|src| PeftError::Io {
-        path: dir.to_path_buf(),
-        src,
-    })?;
-    let targets: BTreeSet<&String> = plan.targets.iter().collect();
+    for (name, t) in &opts.saved {
+        if !opts.modules_to_save.iter().any(|m| {
+            name.strip_prefix(m.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        }) {
+            return Err(PeftError::Unrepresentable(format!(
+                "{name} is trained but not under modules_to_save {:?}",
+                opts.modules_to_save
+            )));
+        }
+        tensors.insert(
+            format!("{PEFT_PREFIX}{name}"),
+            t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+        );
+    }
+    let targets: BTreeSet<String> = plan.adapted_paths().into_iter().collect();
+    let modules_to_save = (!opts.modules_to_save.is_empty()).then(|| opts.modules_to_save.clone());
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": null,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -419,25 +509,27 @@ pub fn export(plan: &AdapterPlan, dir: &Path, opts: &ExportOptions) -> Result<()
         "init_lora_weights": true,
         "use_dora": false,
         "use_rslora": false,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "layers_to_transform": null,
         "rank_pattern": {},
         "alpha_pattern": {},
     });
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |src| PeftError::Io { path, src }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let w_path = dir.join(WEIGHTS_FILE);
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    cnext_core::fsx::write_atomic_with(&w_path, |tmp| {
+        candle_core::safetensors::save(&map, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(io(&w_path))?;
     let cfg_path = dir.join(CONFIG_FILE);
     let body = serde_json::to_string_pretty(&config).map_err(|src| PeftError::Json {
         path: cfg_path.clone(),
         src,
     })?;
-    std::fs::write(&cfg_path, body).map_err(|src| PeftError::Io {
-        path: cfg_path.clone(),
-        src,
-    })?;
-    let w_path = dir.join(WEIGHTS_FILE);
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, &w_path).map_err(|src| PeftError::Tensor {
-        path: w_path.clone(),
-        src,
-    })?;
+    cnext_core::fsx::write_atomic(&cfg_path, body.as_bytes()).map_err(io(&cfg_path))?;
     Ok(())
 }

@@ -114,7 +114,7 @@ pub fn pema(max_dense: usize) -> Result<()> {
 /// of the same total rank, on the profile's base and a task's data, interleaved in one process
 /// so both see the same machine state.
 pub fn step(
-    profile: cnext_datasets::DataProfile,
+    profile: cnext_suite::profile::Profile,
     task: cnext_core::TaskId,
     steps: usize,
 ) -> Result<()> {

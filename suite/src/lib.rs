@@ -5,6 +5,7 @@
 pub mod judge;
 pub mod names;
 pub mod plan;
+pub mod profile;
 pub mod report;
 pub mod seeds;
 pub mod setup;

@@ -11,6 +11,7 @@ use cnext_datasets::evaluate::{read_predictions, score_task};
 use cnext_datasets::loader::{load_test_file, ImageCheck};
 use cnext_datasets::{DataProfile, GenConfig, TaskSpec};
 use cnext_harness::device::DeviceSpec;
+use cnext_suite::profile::Profile;
 use cnext_suite::seeds::opt2;
 use cnext_suite::setup::{cache_dir, ensure_base, ensure_clip};
 use comfy_table::Table;
@@ -51,8 +52,13 @@ enum Cmd {
         method: &'static cnext_harness::method::MethodEntry,
         #[arg(long, default_value = "default_order")]
         order: cnext_core::Order,
-        #[arg(long, default_value = "mini", value_parser = parse_profile)]
-        profile: DataProfile,
+        /// smoke, mini or janus_smoke (smoke data on the tiny Janus fixture).
+        #[arg(long, default_value = "mini")]
+        profile: Profile,
+        /// A Janus / Janus-Pro Hugging Face model directory to run on instead of the profile's
+        /// base (the profile still gives the data and run settings).
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// Training seed (adapter init, shuffling, dropout).
         #[arg(long, default_value_t = 0, conflicts_with = "seeds")]
         seed: u64,
@@ -217,8 +223,8 @@ enum BenchCmd {
     },
     /// Training step time of MAGE's stacked experts vs one LoRA of the same total rank.
     Step {
-        #[arg(long, default_value = "mini", value_parser = parse_profile)]
-        profile: DataProfile,
+        #[arg(long, default_value = "mini")]
+        profile: Profile,
         #[arg(long, default_value = "vqav2")]
         task: TaskId,
         #[arg(long, default_value_t = 20)]
@@ -337,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             method,
             order,
             profile,
+            model,
             seed,
             seeds,
             data_seed,
@@ -352,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             method,
             order,
             profile,
+            model,
             seeds: if seeds.is_empty() { vec![seed] } else { seeds },
             data_seed,
             steps,

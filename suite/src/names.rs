@@ -3,8 +3,8 @@
 //! `<profile>::<method>::<order>::matrix` for the whole matrix, and relational checks
 //! (`rows_identical`, `at_least_lora`). Names parse back into their coordinates.
 
+use crate::profile::Profile;
 use cnext_core::{Order, TaskId};
-use cnext_datasets::DataProfile;
 use std::fmt;
 
 /// Which row a cell is in.
@@ -41,7 +41,7 @@ pub enum Check {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TestName {
-    pub profile: DataProfile,
+    pub profile: Profile,
     pub method: String,
     pub order: Order,
     pub check: Check,
@@ -80,11 +80,7 @@ impl std::str::FromStr for TestName {
         if parts.len() < 4 {
             return Err(bad());
         }
-        let profile = match parts[0] {
-            "mini" => DataProfile::Mini,
-            "smoke" => DataProfile::Smoke,
-            _ => return Err(bad()),
-        };
+        let profile: Profile = parts[0].parse().map_err(|_| bad())?;
         let method = parts[1].to_string();
         let order: Order = parts[2].parse().map_err(|_| bad())?;
         let check = match &parts[3..] {
@@ -125,7 +121,7 @@ mod tests {
     #[test]
     fn names_round_trip() {
         let mut names = vec![];
-        for profile in [DataProfile::Smoke, DataProfile::Mini] {
+        for profile in Profile::ALL {
             for order in Order::ALL {
                 for check in [
                     Check::Matrix,

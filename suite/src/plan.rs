@@ -9,11 +9,11 @@
 //! The default order runs by default; the other orders are ignored (`--include-ignored`).
 
 use crate::names::{Check, Stage, TestName};
+use crate::profile::Profile;
 use crate::setup::Bench;
 use crate::snapshot::{self, Snapshot, Tolerance};
 use cnext_core::metrics::Metrics;
 use cnext_core::{AccuracyMatrix, Order, TaskId};
-use cnext_datasets::DataProfile;
 use cnext_harness::clip::TinyClip;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, Schedule};
@@ -30,38 +30,37 @@ pub const CI_MINI: &[&str] = &["lora", "mage"];
 pub enum Scope {
     /// Unset: smoke everywhere, plus [`CI_MINI`] on mini.
     Default,
-    Only(DataProfile),
+    Only(Profile),
 }
 
 impl Scope {
     pub fn from_env() -> Result<Self, String> {
         match std::env::var("CNEXT_PROFILE").ok().as_deref() {
             None | Some("") => Ok(Scope::Default),
-            Some("smoke") => Ok(Scope::Only(DataProfile::Smoke)),
-            Some("mini") => Ok(Scope::Only(DataProfile::Mini)),
             Some("paper") => Err(
                 "CNEXT_PROFILE=paper: the paper profile needs a real backbone and the real \
                  datasets, which this build does not have yet"
                     .into(),
             ),
-            Some(other) => Err(format!(
-                "CNEXT_PROFILE={other}: expected smoke, mini or paper"
-            )),
+            Some(other) => other
+                .parse()
+                .map(Scope::Only)
+                .map_err(|e| format!("CNEXT_PROFILE={other}: {e}")),
         }
     }
 
-    fn profiles(self) -> Vec<DataProfile> {
+    fn profiles(self) -> Vec<Profile> {
         match self {
-            Scope::Default => vec![DataProfile::Smoke, DataProfile::Mini],
+            Scope::Default => vec![Profile::Smoke, Profile::JanusSmoke, Profile::Mini],
             Scope::Only(p) => vec![p],
         }
     }
 
     /// Whether a chain runs without `--include-ignored`.
-    fn active(self, profile: DataProfile, method: &str, order: Order) -> bool {
+    fn active(self, profile: Profile, method: &str, order: Order) -> bool {
         order == Order::DefaultOrder
             && match (self, profile) {
-                (Scope::Default, DataProfile::Mini) => CI_MINI.contains(&method),
+                (Scope::Default, Profile::Mini) => CI_MINI.contains(&method),
                 _ => true,
             }
     }
@@ -122,8 +121,8 @@ enum CellFloor {
 }
 
 impl CellFloor {
-    fn of(profile: DataProfile, path: &std::path::Path) -> Self {
-        if profile == DataProfile::Smoke {
+    fn of(profile: Profile, path: &std::path::Path) -> Self {
+        if profile.data() == cnext_datasets::DataProfile::Smoke {
             return CellFloor::None;
         }
         match snapshot::read(path) {
@@ -145,8 +144,8 @@ impl CellFloor {
 }
 
 /// One bench per profile, opened on first use and kept for the process.
-fn bench(profile: DataProfile) -> Result<&'static Bench, String> {
-    static BENCHES: Mutex<BTreeMap<DataProfile, &'static Bench>> = Mutex::new(BTreeMap::new());
+fn bench(profile: Profile) -> Result<&'static Bench, String> {
+    static BENCHES: Mutex<BTreeMap<Profile, &'static Bench>> = Mutex::new(BTreeMap::new());
     let mut m = BENCHES
         .lock()
         .map_err(|_| "bench state poisoned".to_string())?;
@@ -163,11 +162,11 @@ fn bench(profile: DataProfile) -> Result<&'static Bench, String> {
     Ok(b)
 }
 
-type Key = (DataProfile, String, Order);
+type Key = (Profile, String, Order);
 
 /// One chain per (profile, method, order), so its loaded task data is shared by its trials.
 fn chain(
-    profile: DataProfile,
+    profile: Profile,
     method: &MethodEntry,
     order: Order,
 ) -> Result<&'static Chain<'static, TinyClip>, String> {
@@ -192,7 +191,7 @@ fn chain(
 }
 
 fn matrix_of(
-    profile: DataProfile,
+    profile: Profile,
     method: &MethodEntry,
     order: Order,
 ) -> Result<AccuracyMatrix, String> {

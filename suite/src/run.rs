@@ -4,11 +4,11 @@ use anyhow::{Context, Result};
 use cnext_core::metrics::ErrorType;
 use cnext_core::Order;
 use cnext_datasets::errors::Judge;
-use cnext_datasets::DataProfile;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
+use cnext_suite::profile::Profile;
 use cnext_suite::seeds::{opt2, summarize, summary_markdown, summary_table};
 use cnext_suite::setup::{cache_dir, Bench};
 use comfy_table::Table;
@@ -19,7 +19,9 @@ use std::path::PathBuf;
 pub(crate) struct RunArgs {
     pub method: &'static MethodEntry,
     pub order: Order,
-    pub profile: DataProfile,
+    pub profile: Profile,
+    /// A Janus directory instead of the profile's base.
+    pub model: Option<PathBuf>,
     /// Training seeds; one run each.
     pub seeds: Vec<u64>,
     /// The benchmark's seed: data, base and scorer (fixed across training seeds, so every seed
@@ -63,7 +65,16 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .with_overrides(&a.overrides)
         .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
     let cache = cache_dir(a.cache.clone());
-    let bench = Bench::open(a.profile, a.data_seed, cache.clone(), a.device)?;
+    let bench = match &a.model {
+        Some(dir) => Bench::open_on(
+            a.profile,
+            a.data_seed,
+            cache.clone(),
+            &cnext_bases::BaseSpec::janus(dir.clone()),
+            a.device,
+        )?,
+        None => Bench::open(a.profile, a.data_seed, cache.clone(), a.device)?,
+    };
     let judge = match &a.judge {
         Some((url, model)) => Some(ChatJudge::new(JudgeConfig::new(url, model))?),
         None => None,
@@ -87,9 +98,14 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    // Another base than the profile's gets its own folder, named by its content key.
+    let base = match &a.model {
+        Some(_) => format!("-{}", bench.base.name()),
+        None => String::new(),
+    };
     let name = |s: &str| {
         format!(
-            "{}-{}-{}{suffix}-seed{s}",
+            "{}-{}-{}{base}{suffix}-seed{s}",
             a.method.id,
             a.order,
             a.profile.as_str()

@@ -5,9 +5,9 @@
 //! matrix when Forgetting rises or Avg.ACC falls by more than it. Improvements pass and are
 //! reported, so a better method never breaks the suite, but a worse one always does.
 
+use crate::profile::Profile;
 use cnext_core::metrics::{round2, Metrics};
 use cnext_core::{AccuracyMatrix, TaskId};
-use cnext_datasets::DataProfile;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,10 +29,10 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    pub fn of(profile: DataProfile) -> Self {
+    pub fn of(profile: Profile) -> Self {
         match profile {
             // 12 test samples per task: one sample is 8.33 points.
-            DataProfile::Smoke => Tolerance {
+            Profile::Smoke | Profile::JanusSmoke => Tolerance {
                 text_cell: 25.0,
                 image_cell: 25.0,
                 metric: 10.0,
@@ -41,7 +41,7 @@ impl Tolerance {
             // 2; README "Tolerances"): cells get twice the largest seed-to-seed standard
             // deviation of their kind (text 11.63, image 9.94), metrics four times theirs
             // (largest 2.01, ewc Forgetting).
-            DataProfile::Mini => Tolerance {
+            Profile::Mini => Tolerance {
                 text_cell: 23.5,
                 image_cell: 20.0,
                 metric: 8.0,
@@ -62,7 +62,7 @@ impl Tolerance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
-    pub profile: DataProfile,
+    pub profile: Profile,
     pub method: String,
     pub order: String,
     pub tasks: Vec<TaskId>,
@@ -76,7 +76,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(
-        profile: DataProfile,
+        profile: Profile,
         method: &str,
         order: &str,
         m: &AccuracyMatrix,
@@ -116,7 +116,7 @@ impl Snapshot {
 }
 
 /// Where the snapshots of a profile live (the workspace's `snapshots/<profile>`).
-pub fn dir(profile: DataProfile) -> PathBuf {
+pub fn dir(profile: Profile) -> PathBuf {
     workspace().join("snapshots").join(profile.as_str())
 }
 
@@ -225,7 +225,7 @@ mod tests {
         for r in rows {
             m.push_row(r).unwrap();
         }
-        Snapshot::new(DataProfile::Mini, "lora", "x", &m, BTreeMap::new())
+        Snapshot::new(Profile::Mini, "lora", "x", &m, BTreeMap::new())
     }
 
     #[test]
