@@ -500,7 +500,8 @@ pub fn export(plan: &AdapterPlan, dir: &Path, opts: &ExportOptions) -> Result<()
         "task_type": null,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
+        // f32 -> its shortest decimal, as PEFT wrote it (0.05, not 0.0500000007).
+        "lora_dropout": cfg.dropout.to_string().parse::<f64>().unwrap_or(cfg.dropout as f64),
         "target_modules": targets,
         "base_model_name_or_path": opts.base_model_name_or_path,
         "bias": "none",

@@ -145,6 +145,8 @@ fn janus(
     let bb = JanusBackbone::load(&args.model, plan, device, dtype)?;
     if let Some(a) = &adapter {
         a.apply(&bb.plan)?;
+        // Connectors trained in full (modules_to_save) are trainable variables of the model.
+        a.apply_saved(&cnext_backbones::Backbone::trainable(&bb))?;
     }
     // As HF JanusProcessor the text is taken verbatim, so each image needs its placeholder; a
     // prompt with none and one image gets it in front (Janus's own layout, image first).
@@ -225,6 +227,8 @@ fn llama(
     let lm = CausalLm::load(&args.model, &plan, device, dtype)?;
     if let Some(a) = &adapter {
         a.apply(&plan)?;
+        // A bare language model trains nothing in full: any modules_to_save is an error.
+        a.apply_saved(&std::collections::BTreeMap::new())?;
     }
     let tok = match (&args.prompt, args.model.join("tokenizer.json").is_file()) {
         (Some(_), _) | (None, true) => Some(TextTokenizer::load(&args.model)?),

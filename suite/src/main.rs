@@ -160,6 +160,9 @@ enum Cmd {
     ClipScore(crate::clip_cli::ClipScoreArgs),
     /// Generate text or an image from a Hugging Face Janus or LlamaForCausalLM directory.
     Infer(crate::infer::InferArgs),
+    /// Write one stage of a method's chain as a PEFT LoRA adapter directory (trains the
+    /// chain up to it first when it is not cached).
+    ExportAdapter(crate::export::ExportArgs),
     /// Figures and tables comparing finished runs: run folders (results.json) or multi-seed
     /// folders (summary.json).
     Report {
@@ -405,6 +408,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::ClipScore(args) => crate::clip_cli::clip_score_cmd(args),
         Cmd::Report { dirs, out } => cnext_suite::report::report_cmd(&dirs, out),
         Cmd::Infer(args) => crate::infer::run(args),
+        Cmd::ExportAdapter(args) => crate::export::export_cmd(args),
     }
 }
 
@@ -594,5 +598,6 @@ fn score<C: ClipModel<Image = image::RgbImage>>(
 
 mod bench;
 mod clip_cli;
+mod export;
 mod infer;
 mod run;
