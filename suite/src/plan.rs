@@ -4,8 +4,9 @@
 //! `--list` loads nothing and `--exact NAME` builds only what that test needs.
 //!
 //! Which profiles run is one setting, `CNEXT_PROFILE`: `smoke` (every method, seconds each),
-//! `mini` (every method on the benchmark), or unset: smoke for every method plus the mini
-//! chains CI can afford ([`CI_MINI`]); every other mini chain is registered as ignored.
+//! `janus_smoke` (every method on the tiny Janus fixture), `mini` (every method on the
+//! benchmark), or unset: smoke and janus_smoke for every method plus the mini chains CI can
+//! afford ([`CI_MINI`]); every other mini chain is registered as ignored.
 //! The default order runs by default; the other orders are ignored (`--include-ignored`).
 
 use crate::names::{Check, Stage, TestName};
@@ -38,8 +39,9 @@ impl Scope {
         match std::env::var("CNEXT_PROFILE").ok().as_deref() {
             None | Some("") => Ok(Scope::Default),
             Some("paper") => Err(
-                "CNEXT_PROFILE=paper: the paper profile needs a real backbone and the real \
-                 datasets, which this build does not have yet"
+                "CNEXT_PROFILE=paper: the paper profile needs the paper's datasets, which this \
+                 build cannot read yet; real checkpoints run with `cnext run --model DIR` \
+                 (README, \"Running a real Janus checkpoint\")"
                     .into(),
             ),
             Some(other) => other
