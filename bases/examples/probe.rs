@@ -129,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
             seed: 0,
+            epochs: None,
         };
         let s = train(&model, &vars, &tr, &tc, "probe", true, &mut ())?;
         println!(

@@ -7,7 +7,6 @@
 use candle_core::{DType, Device};
 use cnext_backbones::janus::{JanusBackbone, JanusSettings};
 use cnext_backbones::{Backbone, BaseModel};
-use cnext_core::hash::sha256_hex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,21 +37,6 @@ pub struct JanusBase {
     name: String,
 }
 
-/// The files whose bytes shape a Janus model: configs, tokenizer and every weight file.
-fn shaping_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-        let name = name.unwrap_or_default();
-        if p.is_file() && (name.ends_with(".json") || name.ends_with(".safetensors")) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 impl JanusBase {
     /// Opens `spec.dir` on `device`: bf16 where the device supports it, f32 on the CPU. The
     /// model is loaded once here to check the directory; its name hashes every config,
@@ -64,25 +48,16 @@ impl JanusBase {
         } else {
             DType::BF16
         };
-        let io = |source| crate::BaseError::Io {
-            path: spec.dir.clone(),
-            source,
+        let digest = cnext_core::hash::model_dir_digest(&spec.dir)
+            .map_err(|(path, source)| crate::BaseError::Io { path, source })?;
+        // The folder's path is not part of the key: the same files elsewhere (another clone,
+        // another runner) are the same base.
+        let shaping = JanusSpec {
+            dir: PathBuf::new(),
+            ..spec.clone()
         };
-        let mut digest = String::new();
-        for f in shaping_files(&spec.dir).map_err(io)? {
-            let bytes = std::fs::read(&f).map_err(|source| crate::BaseError::Io {
-                path: f.clone(),
-                source,
-            })?;
-            let rel = f.file_name().map(|n| n.to_string_lossy().into_owned());
-            digest.push_str(&format!(
-                "{}={}\n",
-                rel.unwrap_or_default(),
-                sha256_hex(&bytes)
-            ));
-        }
         let settings =
-            serde_json::to_string(spec).map_err(|e| crate::BaseError::Key(e.to_string()))?;
+            serde_json::to_string(&shaping).map_err(|e| crate::BaseError::Key(e.to_string()))?;
         let key = cnext_core::hash::key16(&format!("{digest}|{settings}|{dtype:?}"));
         let name = format!("janus-{key}");
         // Load once now, so a bad directory fails before any stage starts.

@@ -91,6 +91,7 @@ fn frozen_experts_stay_bit_identical_through_a_stage() {
             ..Default::default()
         },
         seed: 0,
+        epochs: None,
     };
     train(&model, &vars, &ex, &tc, "mage", false, mage.as_mut()).unwrap();
     mage.end_task(info, &model, &vars, &ex).unwrap();

@@ -189,6 +189,7 @@ fn tc(steps: usize) -> TrainConfig {
             ..Default::default()
         },
         seed: 0,
+        epochs: None,
     }
 }
 

@@ -112,6 +112,7 @@ fn quick_cfg(steps: usize) -> TrainConfig {
             ..Default::default()
         },
         seed: 0,
+        epochs: None,
     }
 }
 

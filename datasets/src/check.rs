@@ -22,6 +22,37 @@ pub struct RootReport {
     pub problems: Vec<DataError>,
 }
 
+impl RootReport {
+    /// Every problem, one per line (at most `per_file` per file, the rest counted), then
+    /// `N problems in M files`; None when the root is clean.
+    pub fn describe(&self, root: &Path, per_file: usize) -> Option<String> {
+        if self.problems.is_empty() {
+            return None;
+        }
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut out = String::new();
+        for p in &self.problems {
+            let n = counts.entry(p.file().display().to_string()).or_default();
+            *n += 1;
+            if *n <= per_file {
+                out.push_str(&format!("{p}\n"));
+            }
+        }
+        for (file, n) in &counts {
+            if *n > per_file {
+                out.push_str(&format!("{file}: ... and {} more problems\n", n - per_file));
+            }
+        }
+        out.push_str(&format!(
+            "{}: {} problems in {} files",
+            root.display(),
+            self.problems.len(),
+            counts.len()
+        ));
+        Some(out)
+    }
+}
+
 fn read_all(path: &Path, problems: &mut Vec<DataError>) -> Option<String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,

@@ -50,6 +50,7 @@ impl RunConfig {
                     ..Default::default()
                 },
                 seed,
+                epochs: None,
             },
             eval_batch: 64,
         }

@@ -20,6 +20,21 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub optim: AdamWConfig,
     pub seed: u64,
+    /// Train this many passes over the examples instead of `steps` (the paper profile's
+    /// recipe: each task gets its own number of steps). Absent from keys when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The optimizer steps for `examples` examples: `epochs` passes of `batch_size`, else
+    /// `steps`.
+    pub fn steps_for(&self, examples: usize) -> usize {
+        match self.epochs {
+            Some(e) => e * examples.div_ceil(self.batch_size.max(1)),
+            None => self.steps,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,9 +311,10 @@ pub fn train(
     }
     let start = Instant::now();
     let mut batches = Batches::new(backbone, examples, cfg, label);
+    let steps = cfg.steps_for(examples.len());
     let fc = FitConfig {
         label,
-        steps: cfg.steps,
+        steps,
         optim: &cfg.optim,
         seed: cfg.seed,
         progress,
@@ -306,7 +322,7 @@ pub fn train(
     let losses = fit(&fc, vars, &mut batches, hooks)?;
     let (first_loss, last_loss) = head_tail(&losses);
     Ok(StageStats {
-        steps: cfg.steps,
+        steps,
         first_loss,
         last_loss,
         seconds: start.elapsed().as_secs_f64(),

@@ -60,22 +60,26 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         .method
         .with_overrides(&overrides)
         .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
-    let spec = match &a.model {
-        Some(d) => BaseSpec::janus(d.clone()),
-        None => a
-            .profile
-            .base(a.data_seed)
-            .map_err(|e| anyhow::anyhow!(e))?,
-    };
-    let model_dir = match &spec {
+    let sources = a
+        .profile
+        .sources(a.data_seed)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .overridden(a.model.clone(), None, None);
+    let model_dir = match &sources.base {
         BaseSpec::Janus(j) => j.dir.clone(),
         BaseSpec::Nano(_) => bail!(
             "--profile {}: the built-in nano base has no Hugging Face model for PEFT to load \
-             onto; export from janus_smoke or with --model DIR",
+             onto; export from janus_smoke or paper, or with --model DIR",
             a.profile
         ),
     };
-    let bench = Bench::open_on(a.profile, a.data_seed, cache_dir(a.cache), &spec, a.device)?;
+    let bench = Bench::open_with(
+        a.profile,
+        a.data_seed,
+        cache_dir(a.cache),
+        &sources,
+        a.device,
+    )?;
     let cfg = bench.run_config(a.order, a.seed, a.steps, a.lr);
     let chain = bench.chain(&cfg, factory.clone())?;
     let mut method = factory();

@@ -52,13 +52,22 @@ enum Cmd {
         method: &'static cnext_harness::method::MethodEntry,
         #[arg(long, default_value = "default_order")]
         order: cnext_core::Order,
-        /// smoke, mini or janus_smoke (smoke data on the tiny Janus fixture).
+        /// smoke, mini, janus_smoke (smoke data on the tiny Janus fixture) or paper (the
+        /// paper's recipe on --model, --clip-model and --data-root, by default the fixtures
+        /// and generated smoke data).
         #[arg(long, default_value = "mini")]
         profile: Profile,
         /// A Janus / Janus-Pro Hugging Face model directory to run on instead of the profile's
-        /// base (the profile still gives the data and run settings).
+        /// base (the profile still gives the run settings).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Score image tasks with this Hugging Face `CLIPModel` directory.
+        #[arg(long)]
+        clip_model: Option<PathBuf>,
+        /// The six tasks from this root in the official layout (checked whole first) instead
+        /// of generated data.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
         /// Training seed (adapter init, shuffling, dropout).
         #[arg(long, default_value_t = 0, conflicts_with = "seeds")]
         seed: u64,
@@ -347,6 +356,8 @@ fn run(cli: Cli) -> Result<()> {
             order,
             profile,
             model,
+            clip_model,
+            data_root,
             seed,
             seeds,
             data_seed,
@@ -363,6 +374,8 @@ fn run(cli: Cli) -> Result<()> {
             order,
             profile,
             model,
+            clip_model,
+            data_root,
             seeds: if seeds.is_empty() { vec![seed] } else { seeds },
             data_seed,
             steps,
@@ -456,29 +469,17 @@ fn check(root: &Path) -> Result<()> {
         ]);
     }
     println!("{table}");
-    if report.problems.is_empty() {
-        return Ok(());
-    }
-    let mut per_file: std::collections::BTreeMap<String, usize> = Default::default();
-    for p in &report.problems {
-        let file = p.file().display().to_string();
-        let n = per_file.entry(file).or_default();
-        *n += 1;
-        if *n <= PROBLEMS_PER_FILE {
-            eprintln!("{p}");
+    match report.describe(root, PROBLEMS_PER_FILE) {
+        None => Ok(()),
+        Some(text) => {
+            // The problems on stderr, the count as the error (the last line).
+            let (lines, last) = text.rsplit_once('\n').unwrap_or(("", &text));
+            if !lines.is_empty() {
+                eprintln!("{lines}");
+            }
+            anyhow::bail!("{last}")
         }
     }
-    for (file, n) in &per_file {
-        if *n > PROBLEMS_PER_FILE {
-            eprintln!("{file}: ... and {} more problems", n - PROBLEMS_PER_FILE);
-        }
-    }
-    anyhow::bail!(
-        "{}: {} problems in {} files",
-        root.display(),
-        report.problems.len(),
-        per_file.len()
-    )
 }
 
 fn metrics(path: &Path, json: bool) -> Result<()> {

@@ -4,18 +4,19 @@
 //! `--list` loads nothing and `--exact NAME` builds only what that test needs.
 //!
 //! Which profiles run is one setting, `CNEXT_PROFILE`: `smoke` (every method, seconds each),
-//! `janus_smoke` (every method on the tiny Janus fixture), `mini` (every method on the
-//! benchmark), or unset: smoke and janus_smoke for every method plus the mini chains CI can
-//! afford ([`CI_MINI`]); every other mini chain is registered as ignored.
+//! `janus_smoke` (every method on the tiny Janus fixture), `paper` (the paper's recipe on
+//! `CNEXT_PAPER_{MODEL,CLIP,DATA}`, by default the fixtures and generated smoke data), `mini`
+//! (every method on the benchmark), or unset: smoke, janus_smoke and paper for every method
+//! plus the mini chains CI can afford ([`CI_MINI`]); every other mini chain is registered as
+//! ignored.
 //! The default order runs by default; the other orders are ignored (`--include-ignored`).
 
 use crate::names::{Check, Stage, TestName};
 use crate::profile::Profile;
-use crate::setup::Bench;
+use crate::setup::{Bench, Scorer};
 use crate::snapshot::{self, Snapshot, Tolerance};
 use cnext_core::metrics::Metrics;
 use cnext_core::{AccuracyMatrix, Order, TaskId};
-use cnext_harness::clip::TinyClip;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, Schedule};
 use cnext_harness::stages::Chain;
@@ -38,12 +39,6 @@ impl Scope {
     pub fn from_env() -> Result<Self, String> {
         match std::env::var("CNEXT_PROFILE").ok().as_deref() {
             None | Some("") => Ok(Scope::Default),
-            Some("paper") => Err(
-                "CNEXT_PROFILE=paper: the paper profile needs the paper's datasets, which this \
-                 build cannot read yet; real checkpoints run with `cnext run --model DIR` \
-                 (README, \"Running a real Janus checkpoint\")"
-                    .into(),
-            ),
             Some(other) => other
                 .parse()
                 .map(Scope::Only)
@@ -53,7 +48,12 @@ impl Scope {
 
     fn profiles(self) -> Vec<Profile> {
         match self {
-            Scope::Default => vec![Profile::Smoke, Profile::JanusSmoke, Profile::Mini],
+            Scope::Default => vec![
+                Profile::Smoke,
+                Profile::JanusSmoke,
+                Profile::Paper,
+                Profile::Mini,
+            ],
             Scope::Only(p) => vec![p],
         }
     }
@@ -171,8 +171,8 @@ fn chain(
     profile: Profile,
     method: &MethodEntry,
     order: Order,
-) -> Result<&'static Chain<'static, TinyClip>, String> {
-    static CHAINS: OnceLock<Mutex<BTreeMap<Key, &'static Chain<'static, TinyClip>>>> =
+) -> Result<&'static Chain<'static, Scorer>, String> {
+    static CHAINS: OnceLock<Mutex<BTreeMap<Key, &'static Chain<'static, Scorer>>>> =
         OnceLock::new();
     let b = bench(profile)?;
     let mut m = CHAINS
@@ -187,7 +187,7 @@ fn chain(
     let c = b
         .chain(cfg, method.factory())
         .map_err(|e| format!("{e:#}"))?;
-    let c: &'static Chain<'static, TinyClip> = Box::leak(Box::new(c));
+    let c: &'static Chain<'static, Scorer> = Box::leak(Box::new(c));
     m.insert(key, c);
     Ok(c)
 }

@@ -20,8 +20,10 @@ pub(crate) struct RunArgs {
     pub method: &'static MethodEntry,
     pub order: Order,
     pub profile: Profile,
-    /// A Janus directory instead of the profile's base.
+    /// A Janus directory, a CLIP directory and a data root instead of the profile's own.
     pub model: Option<PathBuf>,
+    pub clip_model: Option<PathBuf>,
+    pub data_root: Option<PathBuf>,
     /// Training seeds; one run each.
     pub seeds: Vec<u64>,
     /// The benchmark's seed: data, base and scorer (fixed across training seeds, so every seed
@@ -65,16 +67,13 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .with_overrides(&a.overrides)
         .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
     let cache = cache_dir(a.cache.clone());
-    let bench = match &a.model {
-        Some(dir) => Bench::open_on(
-            a.profile,
-            a.data_seed,
-            cache.clone(),
-            &cnext_bases::BaseSpec::janus(dir.clone()),
-            a.device,
-        )?,
-        None => Bench::open(a.profile, a.data_seed, cache.clone(), a.device)?,
-    };
+    let overridden = a.model.is_some() || a.clip_model.is_some() || a.data_root.is_some();
+    let sources = a
+        .profile
+        .sources(a.data_seed)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .overridden(a.model.clone(), a.clip_model.clone(), a.data_root.clone());
+    let bench = Bench::open_with(a.profile, a.data_seed, cache.clone(), &sources, a.device)?;
     let judge = match &a.judge {
         Some((url, model)) => Some(ChatJudge::new(JudgeConfig::new(url, model))?),
         None => None,
@@ -98,10 +97,17 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    // Another base than the profile's gets its own folder, named by its content key.
-    let base = match &a.model {
-        Some(_) => format!("-{}", bench.base.name()),
-        None => String::new(),
+    // Other sources than the profile's get their own folder, named by their content keys.
+    let base = if overridden {
+        let keys = format!(
+            "{}|{}|{}",
+            bench.base.name(),
+            bench.clip_key,
+            bench.data_key
+        );
+        format!("-src{}", short_hash(&keys))
+    } else {
+        String::new()
     };
     let name = |s: &str| {
         format!(

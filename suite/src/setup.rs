@@ -3,14 +3,17 @@
 //! `CNEXT_CACHE_DIR`), plus the profile's run settings. One file lock per cache folder keeps
 //! two processes from building the same asset twice.
 
-use crate::profile::Profile;
+use crate::profile::{DataSpec, Profile, ScorerSpec, Sources};
 use anyhow::{Context, Result};
 use cnext_backbones::BaseModel;
 use cnext_bases::{BaseSpec, Opened};
 use cnext_core::hash::key16;
+use cnext_core::scoring::clip::ClipModel;
 use cnext_core::Order;
 use cnext_datasets::{DataProfile, GenConfig};
-use cnext_harness::clip::{train_tiny_clip, ClipTrainConfig, TinyClip};
+use cnext_harness::clip::{
+    train_tiny_clip, ClipError, ClipTrainConfig, HfClip, HfClipError, TinyClip,
+};
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::run::RunConfig;
 use std::path::{Path, PathBuf};
@@ -73,8 +76,25 @@ pub fn ensure_base(
     device: DeviceSpec,
 ) -> Result<Opened> {
     let root = ensure_data(cache, profile, seed)?;
-    let _l = lock(cache, &format!("base-{}-seed{seed}", profile.as_str()))?;
-    let b = cnext_bases::open(spec, cache, &root, &device.open()?, true)?;
+    open_base(
+        cache,
+        &root,
+        &format!("{}-seed{seed}", profile.as_str()),
+        spec,
+        device,
+    )
+}
+
+/// The base of `spec`, built from `root` if it is a built-in one; `label` names its lock.
+fn open_base(
+    cache: &Path,
+    root: &Path,
+    label: &str,
+    spec: &BaseSpec,
+    device: DeviceSpec,
+) -> Result<Opened> {
+    let _l = lock(cache, &format!("base-{label}"))?;
+    let b = cnext_bases::open(spec, cache, root, &device.open()?, true)?;
     match b.built {
         Some((s, l0, l1)) => eprintln!(
             "built base {} in {s:.1} s (pretraining loss {l0:.3} -> {l1:.3})",
@@ -83,6 +103,94 @@ pub fn ensure_base(
         None => eprintln!("base {} ({})", b.base.name(), b.location.display()),
     }
     Ok(b)
+}
+
+/// The key of a data root in the official layout: the bytes of every annotation file
+/// (`.json`, `.jsonl`) and the path and size of every other file (images), walked in sorted
+/// order. Renaming, editing or resizing anything changes it; the root's own path does not.
+pub fn root_key(root: &Path) -> Result<String> {
+    fn walk(dir: &Path, rel: &str, out: &mut String) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            let rel = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = e
+                .metadata()
+                .with_context(|| format!("reading {}", path.display()))?;
+            if meta.is_dir() {
+                walk(&path, &rel, out)?;
+            } else if name.ends_with(".json") || name.ends_with(".jsonl") {
+                let h = cnext_core::hash::sha256_file(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                out.push_str(&format!("{rel}={h}\n"));
+            } else {
+                out.push_str(&format!("{rel}:{}\n", meta.len()));
+            }
+        }
+        Ok(())
+    }
+    let mut listing = String::new();
+    walk(root, "", &mut listing)?;
+    Ok(format!("root-{}", key16(&listing)))
+}
+
+/// Checks a whole data root before anything trains: every missing or malformed piece of all
+/// six tasks in one error (file, line, what was expected).
+pub fn check_data_root(root: &Path) -> Result<()> {
+    let report = cnext_datasets::check::check_root(root);
+    match report.describe(root, 20) {
+        None => Ok(()),
+        Some(text) => anyhow::bail!("the data root failed its check:\n{text}"),
+    }
+}
+
+/// The scorer of image tasks.
+pub enum Scorer {
+    Tiny(TinyClip),
+    Hf(Box<HfClip>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScorerError {
+    #[error(transparent)]
+    Tiny(#[from] ClipError),
+    #[error(transparent)]
+    Hf(#[from] HfClipError),
+}
+
+impl ClipModel for Scorer {
+    type Image = image::RgbImage;
+    type Error = ScorerError;
+    fn embed_image(&self, img: &image::RgbImage) -> Result<Vec<f32>, ScorerError> {
+        Ok(match self {
+            Scorer::Tiny(m) => m.embed_image(img)?,
+            Scorer::Hf(m) => m.embed_image(img)?,
+        })
+    }
+    fn embed_text(&self, text: &str) -> Result<Vec<f32>, ScorerError> {
+        Ok(match self {
+            Scorer::Tiny(m) => m.embed_text(text)?,
+            Scorer::Hf(m) => m.embed_text(text)?,
+        })
+    }
+}
+
+/// A Hugging Face CLIP directory and its key (the SHA-256 of its files, not its path).
+pub fn open_hf_clip(dir: &Path, device: DeviceSpec) -> Result<(HfClip, String)> {
+    let digest = cnext_core::hash::model_dir_digest(dir)
+        .map_err(|(p, e)| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let m = HfClip::load(dir, &device.open()?, candle_core::DType::F32)
+        .with_context(|| format!("{}: cannot load the CLIP model", dir.display()))?;
+    Ok((m, format!("hfclip-{}", key16(&digest))))
 }
 
 fn clip_config(profile: DataProfile, seed: u64) -> ClipTrainConfig {
@@ -166,9 +274,27 @@ pub fn run_config(
             cfg.stage.batch_size = 8;
             cfg.stage.optim.lr = 1e-2;
         }
+        // The paper's recipe (METHODS.md): LoRA r = alpha = 32, dropout 0.05, AdamW lr 1e-4,
+        // betas (0.9, 0.98), eps 1e-6, weight decay 0.05, clip 1.0, cosine with warmup to a
+        // 0.05 floor (`AdamWConfig::default`). Its epochs and batch are not in our summary of
+        // the paper: one epoch per task at batch 16 (README, "Running a real Janus checkpoint").
+        Profile::Paper => {
+            cfg.lora = cnext_adapters::LoraConfig {
+                r: 32,
+                alpha: 32.0,
+                dropout: 0.05,
+            };
+            cfg.stage.optim = cnext_harness::optim::AdamWConfig {
+                lr_scale: cfg.stage.optim.lr_scale.clone(),
+                ..Default::default()
+            };
+            cfg.stage.batch_size = 16;
+            cfg.stage.epochs = Some(1);
+        }
     }
     if let Some(s) = steps {
         cfg.stage.steps = s;
+        cfg.stage.epochs = None;
     }
     if let Some(lr) = lr {
         cfg.stage.optim.lr = lr;
@@ -182,36 +308,61 @@ pub struct Bench {
     pub seed: u64,
     pub cache: PathBuf,
     pub data_root: PathBuf,
+    /// Identifies the data (part of every stage key).
+    pub data_key: String,
     pub base: Box<dyn BaseModel>,
-    pub clip: TinyClip,
+    pub clip: Scorer,
+    /// Identifies the scorer (part of every stage key: scores depend on it).
+    pub clip_key: String,
 }
 
 impl Bench {
-    /// The profile's base.
+    /// The profile's own sources.
     pub fn open(profile: Profile, seed: u64, cache: PathBuf, device: DeviceSpec) -> Result<Self> {
-        let spec = profile.base(seed).map_err(|e| anyhow::anyhow!(e))?;
-        Self::open_on(profile, seed, cache, &spec, device)
+        let sources = profile.sources(seed).map_err(|e| anyhow::anyhow!(e))?;
+        Self::open_with(profile, seed, cache, &sources, device)
     }
 
-    /// The profile's data, scorer and run settings with the base of `spec`.
-    pub fn open_on(
+    /// The profile's run settings on `sources`. A data root is checked whole first (the paper
+    /// profile checks its generated root too), so a broken root fails before any weights load.
+    pub fn open_with(
         profile: Profile,
         seed: u64,
         cache: PathBuf,
-        spec: &BaseSpec,
+        sources: &Sources,
         device: DeviceSpec,
     ) -> Result<Self> {
-        let data = profile.data();
-        let data_root = ensure_data(&cache, data, seed)?;
-        let base = ensure_base(&cache, data, seed, spec, device)?.base;
-        let clip = ensure_clip(&cache, data, seed)?;
+        let (data_root, data_key) = match &sources.data {
+            DataSpec::Generated(d) => (ensure_data(&cache, *d, seed)?, data_key(*d, seed)),
+            DataSpec::Root(r) => {
+                check_data_root(r)?;
+                (r.clone(), root_key(r)?)
+            }
+        };
+        if profile == Profile::Paper && matches!(sources.data, DataSpec::Generated(_)) {
+            check_data_root(&data_root)?;
+        }
+        let label = format!("{}-seed{seed}", profile.data().as_str());
+        let base = open_base(&cache, &data_root, &label, &sources.base, device)?.base;
+        let (clip, clip_key) = match &sources.scorer {
+            ScorerSpec::Tiny => (
+                Scorer::Tiny(ensure_clip(&cache, profile.data(), seed)?),
+                clip_key(profile.data(), seed)?,
+            ),
+            ScorerSpec::Hf(dir) => {
+                let (m, key) = open_hf_clip(dir, device)?;
+                (Scorer::Hf(Box::new(m)), key)
+            }
+        };
         Ok(Bench {
             profile,
             seed,
             cache,
             data_root,
+            data_key,
             base,
             clip,
+            clip_key,
         })
     }
 
@@ -231,14 +382,14 @@ impl Bench {
         &'a self,
         cfg: &'a RunConfig,
         method: cnext_harness::method::MethodFactory,
-    ) -> Result<cnext_harness::stages::Chain<'a, TinyClip>> {
+    ) -> Result<cnext_harness::stages::Chain<'a, Scorer>> {
         Ok(cnext_harness::stages::Chain::new(
             &self.cache,
             self.base.as_ref(),
             &self.data_root,
-            data_key(self.profile.data(), self.seed),
+            self.data_key.clone(),
             &self.clip,
-            clip_key(self.profile.data(), self.seed)?,
+            self.clip_key.clone(),
             cfg,
             method,
         )?)

@@ -32,7 +32,8 @@ impl Tolerance {
     pub fn of(profile: Profile) -> Self {
         match profile {
             // 12 test samples per task: one sample is 8.33 points.
-            Profile::Smoke | Profile::JanusSmoke => Tolerance {
+            // The paper profile on its default inputs is smoke-sized too.
+            Profile::Smoke | Profile::JanusSmoke | Profile::Paper => Tolerance {
                 text_cell: 25.0,
                 image_cell: 25.0,
                 metric: 10.0,
@@ -117,7 +118,9 @@ impl Snapshot {
 
 /// Where the snapshots of a profile live (the workspace's `snapshots/<profile>`).
 pub fn dir(profile: Profile) -> PathBuf {
-    workspace().join("snapshots").join(profile.as_str())
+    workspace()
+        .join("snapshots")
+        .join(profile.snapshot_folder())
 }
 
 /// The workspace root (the suite crate's parent folder).

@@ -168,18 +168,40 @@ fn data_check_reports_every_problem_at_once() {
     );
     std::fs::write(root.join("ocrvqa/images/train_000000.png"), b"").unwrap();
     std::fs::remove_file(root.join("hqedit/test.json")).unwrap();
-    let o = cnext(&["data", "check", "--root", &root.display().to_string()]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    for want in [
-        "vqav2/train.jsonl:2: malformed JSON",
-        "vqav2/train.jsonl:5: image `images/gone.png` not found",
-        "imagenet/test.json:3: malformed JSON: missing field `answer`",
-        "ocrvqa/train.jsonl:1: ",
-        "train_000000.png: cannot decode image",
-        "hqedit/test.json: cannot read",
-        "5 problems in 4 files",
-    ] {
-        assert!(err.contains(want), "`{want}` missing from:\n{err}");
+    let r = root.display().to_string();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let (c, o) = (cache.display().to_string(), out.display().to_string());
+    // `data check`, and the paper profile's check before anything loads or trains.
+    let paper = [
+        "run",
+        "--profile",
+        "paper",
+        "--data-root",
+        &r,
+        "--cache",
+        &c,
+        "--out",
+        &o,
+    ];
+    for args in [&["data", "check", "--root", &r][..], &paper[..]] {
+        let o = cnext(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        for want in [
+            "vqav2/train.jsonl:2: malformed JSON",
+            "vqav2/train.jsonl:5: image `images/gone.png` not found",
+            "imagenet/test.json:3: malformed JSON: missing field `answer`",
+            "ocrvqa/train.jsonl:1: ",
+            "train_000000.png: cannot decode image",
+            "hqedit/test.json: cannot read",
+            "5 problems in 4 files",
+        ] {
+            assert!(
+                err.contains(want),
+                "{args:?}: `{want}` missing from:\n{err}"
+            );
+        }
     }
+    assert!(!cache.join("stages").exists() && !out.exists());
 }

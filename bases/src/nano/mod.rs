@@ -65,6 +65,7 @@ impl BaseConfig {
                     ..Default::default()
                 },
                 seed,
+                epochs: None,
             },
             examples: 24_000,
             codebook_size: 256,
