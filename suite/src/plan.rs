@@ -158,7 +158,12 @@ fn bench(profile: Profile) -> Result<&'static Bench, String> {
     let cache = std::env::var_os("CNEXT_CACHE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| snapshot::workspace().join("target").join("cnext"));
-    let b = Bench::open(profile, 0, cache, DeviceSpec::Cpu).map_err(|e| format!("{e:#}"))?;
+    // GPU runners set CNEXT_DEVICE=cuda (the GPU CI workflow); the default is the CPU.
+    let device: DeviceSpec = match std::env::var("CNEXT_DEVICE") {
+        Ok(d) if !d.is_empty() => d.parse().map_err(|e| format!("CNEXT_DEVICE={d}: {e}"))?,
+        _ => DeviceSpec::Cpu,
+    };
+    let b = Bench::open(profile, 0, cache, device).map_err(|e| format!("{e:#}"))?;
     let b: &'static Bench = Box::leak(Box::new(b));
     m.insert(profile, b);
     Ok(b)

@@ -125,8 +125,13 @@ pub fn dir(profile: Profile) -> PathBuf {
 
 /// The workspace root (the suite crate's parent folder).
 pub fn workspace() -> PathBuf {
-    let suite = Path::new(env!("CARGO_MANIFEST_DIR"));
-    suite.parent().unwrap_or(suite).to_path_buf()
+    // At run time first: nextest sets it to the remapped checkout when an archive runs on
+    // another machine (`--workspace-remap`); the build's path is the fallback.
+    let suite = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    suite.parent().unwrap_or(&suite).to_path_buf()
 }
 
 pub fn name(method: &str, order: &str) -> String {
