@@ -148,6 +148,11 @@ pub fn fit(
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Without a terminal (CI logs, `2> file`) the bar draws nothing: a plain line every
+    // tenth of the run (at least every 50 steps apart) and at the end shows progress instead.
+    let plain = cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let every = (cfg.steps / 10).max(50);
+    let t0 = Instant::now();
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
         let err = |source| TrainError::Candle {
@@ -192,6 +197,16 @@ pub fn fit(
         bar.inc(1);
         if step % 10 == 0 {
             bar.set_message(format!("loss {lv:.4}"));
+        }
+        let done = step + 1;
+        if plain && (done % every == 0 || done == cfg.steps) {
+            let secs = t0.elapsed().as_secs_f64();
+            let rate = done as f64 / secs.max(1e-9);
+            eprintln!(
+                "{label}: step {done}/{} loss {lv:.4}, {rate:.2} steps/s, eta {:.0} s",
+                cfg.steps,
+                (cfg.steps - done) as f64 / rate
+            );
         }
     }
     bar.finish_and_clear();
