@@ -14,7 +14,7 @@ use cnext_bases::BaseSpec;
 use cnext_core::Order;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, Schedule};
-use cnext_suite::profile::Profile;
+use cnext_suite::profile::{Overrides, Profile};
 use cnext_suite::setup::{cache_dir, Bench};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -60,11 +60,14 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         .method
         .with_overrides(&overrides)
         .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+    let overrides = Overrides {
+        model: a.model.clone(),
+        ..Overrides::default()
+    };
     let sources = a
         .profile
-        .sources(a.data_seed)
-        .map_err(|e| anyhow::anyhow!(e))?
-        .overridden(a.model.clone(), None, None);
+        .sources_with(a.data_seed, overrides)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let model_dir = match &sources.base {
         BaseSpec::Janus(j) => j.dir.clone(),
         BaseSpec::Nano(_) => bail!(

@@ -48,25 +48,18 @@ pub struct Sources {
     pub data: DataSpec,
 }
 
-impl Sources {
-    /// These sources with a Janus directory, a CLIP directory or a data root in place of the
-    /// profile's own (`cnext run --model / --clip-model / --data-root`).
-    pub fn overridden(
-        mut self,
-        model: Option<PathBuf>,
-        clip: Option<PathBuf>,
-        data_root: Option<PathBuf>,
-    ) -> Self {
-        if let Some(m) = model {
-            self.base = BaseSpec::janus(m);
-        }
-        if let Some(c) = clip {
-            self.scorer = ScorerSpec::Hf(c);
-        }
-        if let Some(d) = data_root {
-            self.data = DataSpec::Root(d);
-        }
-        self
+/// Inputs given on the command line in place of a profile's own
+/// (`cnext run --model / --clip-model / --data-root`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub model: Option<PathBuf>,
+    pub clip: Option<PathBuf>,
+    pub data_root: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn any(&self) -> bool {
+        self.model.is_some() || self.clip.is_some() || self.data_root.is_some()
     }
 }
 
@@ -123,30 +116,40 @@ impl Profile {
 
     /// What the profile runs on (the data seed sizes and seeds a built-in base).
     pub fn sources(self, seed: u64) -> Result<Sources, String> {
-        let generated = DataSpec::Generated(self.data());
-        Ok(match self {
-            Profile::Smoke | Profile::Mini => Sources {
-                base: BaseSpec::builtin(self.data(), seed),
-                scorer: ScorerSpec::Tiny,
-                data: generated,
-            },
-            Profile::JanusSmoke => Sources {
-                base: BaseSpec::janus(fixture("tiny_janus")?),
-                scorer: ScorerSpec::Tiny,
-                data: generated,
-            },
-            Profile::Paper => Sources {
-                base: BaseSpec::janus(match env_path(PAPER_ENV[0]) {
-                    Some(p) => p,
-                    None => fixture("tiny_janus")?,
-                }),
-                scorer: ScorerSpec::Hf(match env_path(PAPER_ENV[1]) {
-                    Some(p) => p,
-                    None => fixture("tiny_clip")?,
-                }),
-                data: env_path(PAPER_ENV[2]).map_or(generated, DataSpec::Root),
-            },
-        })
+        self.sources_with(seed, Overrides::default())
+    }
+
+    /// What the profile runs on with `o` in place of its own inputs. A given input is never
+    /// looked up, so `--profile paper --model DIR` works where the fixtures are absent.
+    pub fn sources_with(self, seed: u64, o: Overrides) -> Result<Sources, String> {
+        let or_fixture = |given: Option<PathBuf>, env: Option<&str>, name: &str| match given
+            .or_else(|| env.and_then(env_path))
+        {
+            Some(p) => Ok(p),
+            None => fixture(name),
+        };
+        let paper = self == Profile::Paper;
+        let base = match (self, o.model) {
+            (Profile::Smoke | Profile::Mini, None) => BaseSpec::builtin(self.data(), seed),
+            (_, model) => BaseSpec::janus(or_fixture(
+                model,
+                paper.then_some(PAPER_ENV[0]),
+                "tiny_janus",
+            )?),
+        };
+        let scorer = match (paper, o.clip) {
+            (false, None) => ScorerSpec::Tiny,
+            (_, clip) => ScorerSpec::Hf(or_fixture(
+                clip,
+                paper.then_some(PAPER_ENV[1]),
+                "tiny_clip",
+            )?),
+        };
+        let root = o
+            .data_root
+            .or_else(|| paper.then(|| env_path(PAPER_ENV[2])).flatten());
+        let data = root.map_or(DataSpec::Generated(self.data()), DataSpec::Root);
+        Ok(Sources { base, scorer, data })
     }
 }
 

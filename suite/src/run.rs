@@ -8,7 +8,7 @@ use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, MethodFactory};
 use cnext_harness::run::{run, write_atomic, RunResult};
 use cnext_suite::judge::{ChatJudge, JudgeConfig};
-use cnext_suite::profile::Profile;
+use cnext_suite::profile::{Overrides, Profile};
 use cnext_suite::seeds::{opt2, summarize, summary_markdown, summary_table};
 use cnext_suite::setup::{cache_dir, Bench};
 use comfy_table::Table;
@@ -67,12 +67,16 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<()> {
         .with_overrides(&a.overrides)
         .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
     let cache = cache_dir(a.cache.clone());
-    let overridden = a.model.is_some() || a.clip_model.is_some() || a.data_root.is_some();
+    let overrides = Overrides {
+        model: a.model.clone(),
+        clip: a.clip_model.clone(),
+        data_root: a.data_root.clone(),
+    };
+    let overridden = overrides.any();
     let sources = a
         .profile
-        .sources(a.data_seed)
-        .map_err(|e| anyhow::anyhow!(e))?
-        .overridden(a.model.clone(), a.clip_model.clone(), a.data_root.clone());
+        .sources_with(a.data_seed, overrides)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let bench = Bench::open_with(a.profile, a.data_seed, cache.clone(), &sources, a.device)?;
     let judge = match &a.judge {
         Some((url, model)) => Some(ChatJudge::new(JudgeConfig::new(url, model))?),
