@@ -36,6 +36,14 @@ impl BaseSpec {
     pub fn janus(dir: PathBuf) -> Self {
         BaseSpec::Janus(janus::JanusSpec::new(dir))
     }
+
+    /// The Hugging Face model directory of the base, if it has one (a built-in base has none).
+    pub fn hf_dir(&self) -> Option<&Path> {
+        match self {
+            BaseSpec::Nano(_) => None,
+            BaseSpec::Janus(j) => Some(&j.dir),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

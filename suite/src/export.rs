@@ -10,14 +10,13 @@
 
 use anyhow::{bail, Context, Result};
 use cnext_backbones::peft::{self, ExportOptions};
-use cnext_bases::BaseSpec;
 use cnext_core::Order;
 use cnext_harness::device::DeviceSpec;
 use cnext_harness::method::{MethodEntry, Schedule};
 use cnext_suite::profile::{Overrides, Profile};
 use cnext_suite::setup::{cache_dir, Bench};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -68,13 +67,12 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         .profile
         .sources_with(a.data_seed, overrides)
         .map_err(|e| anyhow::anyhow!(e))?;
-    let model_dir = match &sources.base {
-        BaseSpec::Janus(j) => j.dir.clone(),
-        BaseSpec::Nano(_) => bail!(
-            "--profile {}: the built-in nano base has no Hugging Face model for PEFT to load \
-             onto; export from janus_smoke or paper, or with --model DIR",
+    let Some(model_dir) = sources.base.hf_dir().map(Path::to_path_buf) else {
+        bail!(
+            "--profile {}: the built-in base has no Hugging Face model for PEFT to load onto; \
+             export from janus_smoke or paper, or with --model DIR",
             a.profile
-        ),
+        );
     };
     let bench = Bench::open_with(
         a.profile,

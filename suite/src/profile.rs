@@ -1,5 +1,5 @@
 //! Suite profiles: which data, base, scorer and run settings a suite chain uses ([`Sources`]).
-//! `smoke` and `mini` run on the built-in nano base and the tiny CLIP-like scorer;
+//! `smoke` and `mini` run on the built-in base and the tiny CLIP-like scorer;
 //! `janus_smoke` runs every method on the tiny random Janus fixture
 //! (`shared/fixtures/tiny_janus`, a Hugging Face `JanusForConditionalGeneration` directory)
 //! with smoke data; `paper` is the paper's protocol: a Janus directory, a Hugging Face CLIP

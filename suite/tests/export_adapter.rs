@@ -158,10 +158,10 @@ fn a_janus_mage_stage_exports_as_one_peft_lora_and_loads_back() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(v["token_ids"].as_array().is_some_and(|t| !t.is_empty()));
 
-    // Refusals: a router has no PEFT form; nano has no Hugging Face model. Nothing written.
+    // Refusals: a router has no PEFT form; the built-in base has no Hugging Face model. Nothing written.
     for (args, why) in [
         (vec!["--method", "moelora"], "router"),
-        (vec!["--profile", "smoke"], "nano"),
+        (vec!["--profile", "smoke"], "built-in base"),
     ] {
         let bad = tmp.path().join("refused");
         let mut all = vec!["export-adapter", "--steps", "3", "--cache", c];
