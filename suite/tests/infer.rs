@@ -11,17 +11,8 @@ use std::process::{Command, Output};
 
 /// `<workspace root>/../shared/fixtures`, or `CNEXT_FIXTURES`; a clear failure when missing.
 fn fixture(name: &str) -> PathBuf {
-    let root = match std::env::var_os("CNEXT_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    };
-    let d = root.join(name);
-    assert!(
-        d.is_dir(),
-        "fixture {} not found (set CNEXT_FIXTURES to the shared/fixtures folder)",
-        d.display()
-    );
-    d
+    // The suite's own lookup: CNEXT_FIXTURES, else <workspace>/../shared/fixtures.
+    cnext_suite::profile::fixture(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn reference(name: &str) -> Value {
