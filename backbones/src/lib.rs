@@ -39,6 +39,35 @@ pub struct Example {
     pub target: Target,
 }
 
+/// What a training batch is grouped by, known from an example's record and image headers:
+/// its input image's size and whether it answers with an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BatchShape {
+    pub image: Option<(u32, u32)>,
+    pub image_out: bool,
+}
+
+impl BatchShape {
+    pub fn text(image: Option<(u32, u32)>) -> Self {
+        BatchShape {
+            image,
+            image_out: false,
+        }
+    }
+    pub fn image(image: Option<(u32, u32)>) -> Self {
+        BatchShape {
+            image,
+            image_out: true,
+        }
+    }
+    pub fn of(e: &Example) -> Self {
+        BatchShape {
+            image: e.prompt.image.as_ref().map(|i| (i.width(), i.height())),
+            image_out: matches!(e.target, Target::Image(_)),
+        }
+    }
+}
+
 /// A generated answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -74,6 +103,12 @@ pub trait Backbone {
     }
     /// The variables the optimizer may update (adapters and connectors), by name.
     fn trainable(&self) -> BTreeMap<String, Var>;
+    /// The shape examples of `shape` have once processed: examples of one processed shape
+    /// batch together without padding. A backbone that resizes every image to one size
+    /// (Janus) maps all image sizes to one, so real data of varied sizes still fills batches.
+    fn batch_shape(&self, shape: BatchShape) -> BatchShape {
+        shape
+    }
     /// The current values of the trainable variables (what a stage checkpoint stores).
     fn trainable_tensors(&self) -> BTreeMap<String, Tensor> {
         self.trainable()

@@ -7,8 +7,11 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
-use cnext_backbones::{Backbone, Example};
-use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
+use cnext_backbones::Backbone;
+use cnext_harness::data::Examples;
+use cnext_harness::method::{
+    prefixed, take_prefixed, typed, unexpected, Hooks, Method, MethodEntry, StageInfo, Step, Vars,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -101,6 +104,19 @@ impl Dema {
         Ok(())
     }
 
+    /// theta* and the last gradients, for a mid-stage checkpoint.
+    pub fn step_state(&self) -> BTreeMap<String, Tensor> {
+        let mut out = prefixed("star.", &self.star);
+        out.extend(prefixed("g_prev.", &self.g_prev));
+        out
+    }
+
+    /// Back to a [`Dema::step_state`] (the entries it does not know are left in `state`).
+    pub fn load_step_state(&mut self, state: &mut BTreeMap<String, Tensor>) {
+        self.star = take_prefixed("star.", state);
+        self.g_prev = take_prefixed("g_prev.", state);
+    }
+
     /// theta* by variable name, ending the stage's state.
     pub fn finish(&mut self) -> BTreeMap<String, Tensor> {
         self.g_prev.clear();
@@ -126,6 +142,13 @@ impl Hooks for Cia {
     fn after_step(&mut self, _step: Step, grads: &GradStore, vars: &Vars) -> Result<()> {
         self.dema.after_step(grads, vars, self.cfg.fallback)
     }
+    fn step_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(self.dema.step_state())
+    }
+    fn load_step_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
+        self.dema.load_step_state(&mut state);
+        unexpected(&state)
+    }
 }
 
 impl Method for Cia {
@@ -148,7 +171,7 @@ impl Method for Cia {
         _stage: StageInfo,
         _model: &dyn Backbone,
         vars: &Vars,
-        _train: &[Example],
+        _train: &dyn Examples,
     ) -> Result<()> {
         for (name, star) in self.dema.finish() {
             if let Some(v) = vars.get(&name) {
@@ -211,7 +234,7 @@ mod tests {
         cia.after_step(Step { index: 0, total: 1 }, &grads, &vars)?;
         // a = 2, b = 2, c = 2: beta = 6 / 4 >= 1, so the fallback 0.01 applies.
         let m = crate::testing::Linear2::new(&[0.0, 0.0])?;
-        cia.end_task(info, &m, &vars, &[])?;
+        cia.end_task(info, &m, &vars, &Vec::new())?;
         let got = w.as_tensor().to_vec1::<f32>()?;
         assert!((got[0] - (0.99 + 0.03)).abs() < 1e-6, "{got:?}");
         assert!((got[1] - 2.0).abs() < 1e-6);

@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use cnext_adapters::Ctx;
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
+use cnext_harness::data::Examples;
 use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -115,15 +116,19 @@ impl Method for Ewc {
         stage: StageInfo,
         model: &dyn Backbone,
         vars: &Vars,
-        train: &[Example],
+        train: &dyn Examples,
     ) -> Result<()> {
         let mut idx: Vec<usize> = (0..train.len()).collect();
         Rng::derive(stage.seed, &format!("ewc-fisher-{}", stage.task)).shuffle(&mut idx);
         let picked: Vec<Example> = idx
             .iter()
             .take(self.cfg.samples)
-            .map(|&i| train[i].clone())
-            .collect();
+            .map(|&i| {
+                train
+                    .get(i)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
         let f = empirical_fisher(model, vars, &picked)?;
         for (name, new) in f {
             let merged = match (self.cfg.mode, self.fisher.remove(&name)) {

@@ -7,7 +7,8 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::Backbone;
+use cnext_harness::data::Examples;
 use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -69,6 +70,14 @@ impl Hooks for Lae {
         Ok(())
     }
 
+    fn step_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(self.offline.clone())
+    }
+    fn load_step_state(&mut self, state: BTreeMap<String, Tensor>) -> Result<()> {
+        self.offline = state;
+        Ok(())
+    }
+
     fn after_step(&mut self, _step: Step, _grads: &GradStore, vars: &Vars) -> Result<()> {
         let d = self.cfg.decay;
         for (name, off) in self.offline.iter_mut() {
@@ -96,7 +105,7 @@ impl Method for Lae {
         _stage: StageInfo,
         _model: &dyn Backbone,
         vars: &Vars,
-        _train: &[Example],
+        _train: &dyn Examples,
     ) -> Result<()> {
         if self.offline.is_empty() {
             for (name, v) in vars.iter().filter(|(n, _)| is_adapter(n)) {
@@ -170,7 +179,7 @@ mod tests {
             seed: 0,
         };
         assert!(lae.ensemble(&vars)?.is_none());
-        lae.end_task(info, &m, &vars, &[])?;
+        lae.end_task(info, &m, &vars, &Vec::new())?;
         assert_eq!(
             lae.offline.len(),
             1,

@@ -12,9 +12,12 @@ use crate::cia::Dema;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, LoraConfig};
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::Backbone;
 use cnext_core::{Modality, TaskId};
-use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
+use cnext_harness::data::Examples;
+use cnext_harness::method::{
+    prefixed, take_prefixed, typed, unexpected, Hooks, Method, MethodEntry, StageInfo, Step, Vars,
+};
 use cnext_kernels::pema::{pema_update, AlphaPolicy, Mat};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -205,6 +208,35 @@ impl Hooks for Mage {
         Ok(())
     }
 
+    fn step_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let cpu = candle_core::Device::Cpu;
+        let mut out = prefixed("dema.", &self.dema.step_state());
+        for (name, m) in &self.star {
+            let t = Tensor::from_vec(m.v.clone(), (m.m, m.n), &cpu)?;
+            out.insert(format!("pema.{name}"), t);
+        }
+        let counts = [self.alphas as i64, self.fell_back as i64];
+        out.insert("counts".into(), Tensor::new(&counts, &cpu)?);
+        Ok(out)
+    }
+
+    fn load_step_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
+        let mut dema = take_prefixed("dema.", &mut state);
+        self.dema.load_step_state(&mut dema);
+        self.star = take_prefixed("pema.", &mut state)
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), to_mat(t)?)))
+            .collect::<Result<_>>()?;
+        if let Some(c) = state.remove("counts") {
+            let c = c.to_vec1::<i64>()?;
+            if let [a, f] = c[..] {
+                (self.alphas, self.fell_back) = (a as usize, f as usize);
+            }
+        }
+        unexpected(&dema)?;
+        unexpected(&state)
+    }
+
     fn after_step(&mut self, _step: Step, grads: &GradStore, vars: &Vars) -> Result<()> {
         let Averaging::Dema { fallback } = self.cfg.averaging else {
             return Ok(());
@@ -262,7 +294,7 @@ impl Method for Mage {
         _stage: StageInfo,
         _model: &dyn Backbone,
         vars: &Vars,
-        _train: &[Example],
+        _train: &dyn Examples,
     ) -> Result<()> {
         for (name, star) in self.dema.finish() {
             self.star.insert(name, to_mat(&star)?);

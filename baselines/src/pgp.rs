@@ -12,6 +12,7 @@ use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{AdapterPlan, Ctx, LoraConfig};
 use cnext_backbones::{Backbone, Example};
 use cnext_core::rng::Rng;
+use cnext_harness::data::Examples;
 use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Step, Vars};
 use cnext_kernels::linalg::sym_eigen;
 use serde::{Deserialize, Serialize};
@@ -166,7 +167,7 @@ impl Method for Pgp {
         stage: StageInfo,
         model: &dyn Backbone,
         _vars: &Vars,
-        train: &[Example],
+        train: &dyn Examples,
     ) -> Result<()> {
         let Some(plan) = &self.plan else {
             candle_core::bail!("pgp: end_task before adapters()");
@@ -176,8 +177,12 @@ impl Method for Pgp {
         let memory: Vec<Example> = idx
             .iter()
             .take(self.cfg.memory)
-            .map(|&i| train[i].clone())
-            .collect();
+            .map(|&i| {
+                train
+                    .get(i)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
         plan.set_recording(true);
         let ran = memory
             .chunks(16)

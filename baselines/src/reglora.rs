@@ -9,7 +9,8 @@
 
 use candle_core::{DType, Result, Tensor};
 use cnext_adapters::{normal_values, AdapterPlan, LoraConfig};
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::Backbone;
+use cnext_harness::data::Examples;
 use cnext_harness::method::{typed, Hooks, Method, MethodEntry, StageInfo, Vars};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,7 +140,7 @@ impl Method for RegLora {
         stage: StageInfo,
         _model: &dyn Backbone,
         vars: &Vars,
-        _train: &[Example],
+        _train: &dyn Examples,
     ) -> Result<()> {
         let plan = self.plan()?.clone();
         let bases = plan.base_weights();

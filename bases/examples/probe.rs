@@ -59,7 +59,8 @@ fn main() -> anyhow::Result<()> {
     let clip = TinyClip::load(&clipdir)?;
     let d = load_task(&root, task)?;
     let tr = train_examples(&d)?;
-    let ev = eval_items(&d)?;
+    let ev = eval_items(&d.test);
+    let images = cnext_harness::data::ImageCache::new(256 << 20);
     let lora = LoraConfig {
         r: rank,
         alpha: rank as f64,
@@ -131,7 +132,7 @@ fn main() -> anyhow::Result<()> {
             seed: 0,
             epochs: None,
         };
-        let s = train(&model, &vars, &tr, &tc, "probe", true, &mut ())?;
+        let s = train(&model, &vars, &tr, &tc, "probe", true, None, &mut ())?;
         println!(
             "train {:.1}s loss {:.3}->{:.3}",
             s.seconds, s.first_loss, s.last_loss
@@ -141,7 +142,8 @@ fn main() -> anyhow::Result<()> {
         let (mut a, mut b, mut n) = (0.0, 0.0, 0.0);
         for it in &ev {
             if let cnext_harness::tasks::Reference::Image(t) = &it.reference {
-                let src = it.prompt.image.as_ref().unwrap();
+                let t = &*images.get(t)?;
+                let src = &*images.get(it.image.as_ref().unwrap())?;
                 let vq = base.codebook.decode(&base.codebook.encode(t), 3, 3);
                 a += cnext_core::scoring::clip::clip_i(&clip, Some(&vq), t)?;
                 b += cnext_core::scoring::clip::clip_i(&clip, Some(src), t)?;
@@ -159,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         &model,
         &TaskSpec::of(task),
         &ev,
+        &images,
         Some(&clip),
         cnext_harness::eval::Generation {
             batch: 64,
@@ -175,7 +178,7 @@ fn main() -> anyhow::Result<()> {
     // Mean score per question template (its first three words).
     let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     for (it, sc) in ev.iter().zip(&e.scores) {
-        let key: Vec<&str> = it.prompt.text.split_whitespace().take(3).collect();
+        let key: Vec<&str> = it.text.split_whitespace().take(3).collect();
         let ent = by.entry(key.join(" ")).or_default();
         ent.0 += sc;
         ent.1 += 1;
@@ -188,10 +191,7 @@ fn main() -> anyhow::Result<()> {
             cnext_harness::tasks::Reference::Text(v) => v[0].clone(),
             _ => String::new(),
         };
-        println!(
-            "  {:?} -> {:?} (ref {:?}) {:.2}",
-            it.prompt.text, p.text, r, sc
-        );
+        println!("  {:?} -> {:?} (ref {:?}) {:.2}", it.text, p.text, r, sc);
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ fn frozen_experts_stay_bit_identical_through_a_stage() {
         seed: 0,
         epochs: None,
     };
-    train(&model, &vars, &ex, &tc, "mage", false, mage.as_mut()).unwrap();
+    train(&model, &vars, &ex, &tc, "mage", false, None, mage.as_mut()).unwrap();
     mage.end_task(info, &model, &vars, &ex).unwrap();
     let after = snapshot(&model);
     let (mut frozen, mut moved) = (0, 0);

@@ -221,7 +221,17 @@ fn after_stage_one(
     let vars = model.trainable();
     let first = info(1, TaskId::Vqav2);
     m.begin_task(first, &vars).unwrap();
-    train(&model, &vars, &rig.questions, &tc(6), "s1", false, &mut ()).unwrap();
+    train(
+        &model,
+        &vars,
+        &rig.questions,
+        &tc(6),
+        "s1",
+        false,
+        None,
+        &mut (),
+    )
+    .unwrap();
     m.end_task(first, &model, &vars, &rig.questions).unwrap();
     (model, m)
 }
@@ -241,7 +251,17 @@ fn ewc_penalty_is_positive_at_stage_two_and_moves_the_gradient() {
         let vars = model.trainable();
         m.begin_task(info(2, TaskId::Flickr30k), &vars).unwrap();
         // One plain step away from the anchor, then compare the hooked loss and gradient.
-        train(&model, &vars, &rig.drawings, &tc(2), "s2", false, &mut ()).unwrap();
+        train(
+            &model,
+            &vars,
+            &rig.drawings,
+            &tc(2),
+            "s2",
+            false,
+            None,
+            &mut (),
+        )
+        .unwrap();
         let batch = &rig.drawings[..8];
         let plain = model.loss(batch, Ctx::default()).unwrap();
         let hooked = m.loss(plain.clone(), &vars).unwrap();
@@ -325,6 +345,7 @@ fn mage_pema_theta_star_follows_the_update_and_the_model_takes_it() {
         &tc(5),
         "mage",
         false,
+        None,
         &mut spy,
     )
     .unwrap();
@@ -412,6 +433,7 @@ fn lae_offline_adapter_is_the_ema_of_the_online_one() {
         &tc(10),
         "lae",
         false,
+        None,
         &mut spy,
     )
     .unwrap();
@@ -482,7 +504,17 @@ fn cia_and_mage_dema_follow_the_dema_formula() {
         m.begin_task(stage, &vars).unwrap();
         let start = values(&vars);
         let mut spy = Spy::new(m.as_mut());
-        train(&model, &vars, &rig.questions, &tc(6), id, false, &mut spy).unwrap();
+        train(
+            &model,
+            &vars,
+            &rig.questions,
+            &tc(6),
+            id,
+            false,
+            None,
+            &mut spy,
+        )
+        .unwrap();
         let (applied, trained) = (spy.applied, spy.after);
         m.end_task(stage, &model, &vars, &rig.questions).unwrap();
         let end = values(&vars);
@@ -529,6 +561,7 @@ fn reglora_holds_the_key_elements_of_earlier_tasks() {
             &tc(12),
             "s2",
             false,
+            None,
             m.as_mut(),
         )
         .unwrap();
@@ -591,6 +624,7 @@ fn moelora_router_gets_gradients_and_learns() {
         &tc(4),
         "moe",
         false,
+        None,
         m.as_mut(),
     )
     .unwrap();

@@ -83,6 +83,7 @@ fn build_base() -> (Parts, f64, f64) {
         &quick_cfg(80),
         "pretrain",
         false,
+        None,
         &mut (),
     )
     .unwrap();
@@ -165,7 +166,7 @@ fn base_stays_bit_identical_and_loss_decreases() {
         "pretraining {pre_first} -> {pre_last}"
     );
     let l0 = fixed(&m);
-    train(&m, &vars, &ex, &quick_cfg(80), "test", false, &mut ()).unwrap();
+    train(&m, &vars, &ex, &quick_cfg(80), "test", false, None, &mut ()).unwrap();
     let l1 = fixed(&m);
     assert!(l1 < 0.5 * l0, "LoRA loss on a fixed batch {l0} -> {l1}");
     let after = base_weights(&m);
@@ -236,6 +237,7 @@ fn generation_is_deterministic_and_kv_cache_equals_full_recompute() {
         &quick_cfg(30),
         "gen",
         false,
+        None,
         &mut (),
     )
     .unwrap();
@@ -312,7 +314,17 @@ fn a_diverging_stage_stops_with_an_error_naming_the_step() {
     let mut cfg = quick_cfg(20);
     cfg.optim.lr = 1e30;
     cfg.optim.warmup_ratio = 0.0;
-    let err = train(&m, &vars, &examples(16, 2), &cfg, "vqav2", false, &mut ()).unwrap_err();
+    let err = train(
+        &m,
+        &vars,
+        &examples(16, 2),
+        &cfg,
+        "vqav2",
+        false,
+        None,
+        &mut (),
+    )
+    .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("vqav2: step ") && msg.contains("not finite"),
@@ -331,6 +343,7 @@ fn ensemble_decoding_of_identical_members_equals_greedy_and_restores_the_weights
         &quick_cfg(30),
         "ens",
         false,
+        None,
         &mut (),
     )
     .unwrap();

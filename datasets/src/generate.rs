@@ -114,8 +114,9 @@ fn question_id(task: TaskId, i: usize) -> u64 {
     (t + 1) * 1_000_000 + i as u64
 }
 
-/// Writes one task into `dir` (which must exist).
-fn write_task(dir: &Path, task: TaskId, cfg: &GenConfig) -> Result<TaskManifest, GenError> {
+/// Writes one task into `dir` (created if needed): `cfg.train` train and `cfg.test` test
+/// samples (benchmarks of data at scale generate one task of many times the mini size).
+pub fn write_task(dir: &Path, task: TaskId, cfg: &GenConfig) -> Result<TaskManifest, GenError> {
     fs::create_dir_all(dir.join("images")).map_err(io(dir))?;
     let mut images = 0;
     let mut save = |rel: &str, img: &image::RgbImage| -> Result<(), GenError> {

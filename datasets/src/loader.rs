@@ -342,6 +342,18 @@ pub fn parse_train_all(
     (out, errors)
 }
 
+/// Parses one non-blank line `raw` (1-based `line`) of train file `path` of `task`, images
+/// resolved under the file's folder: the record a streaming reader re-reads on demand.
+pub fn parse_train_line(
+    raw: &str,
+    path: &Path,
+    line: usize,
+    task: TaskId,
+) -> Result<TrainItem, DataError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    train_item(TaskSpec::of(task).train_layout, raw, dir, path, line)
+}
+
 fn train_item(
     layout: TrainLayout,
     raw: &str,

@@ -2,9 +2,10 @@
 //! from cnext-core; clip_t / clip_i through any `ClipModel`). Predictions are kept in the
 //! official merge.jsonl record format.
 
+use crate::data::ImageCache;
 use crate::tasks::{output_kind, EvalItem, Reference};
 use cnext_backbones::{Backbone, Output, Prompt};
-use cnext_core::scoring::clip::{clip_i, clip_t, ClipError, ClipModel};
+use cnext_core::scoring::clip::{clip_i, clip_t, ClipModel};
 use cnext_core::scoring::Compat;
 use cnext_datasets::evaluate::score_text_sample;
 use cnext_datasets::formats::PredictionRecord;
@@ -17,6 +18,11 @@ pub enum EvalError {
     Generate {
         task: String,
         source: candle_core::Error,
+    },
+    #[error("{task}: {source}")]
+    Data {
+        task: String,
+        source: cnext_datasets::loader::DataError,
     },
     #[error("{task}: question {qid}: {msg}")]
     Score {
@@ -43,10 +49,14 @@ fn clip_score<C: ClipModel<Image = RgbImage>>(
     m: &C,
     img: &RgbImage,
     reference: &Reference,
-) -> Result<f64, ClipError<C::Error>> {
+    images: &ImageCache,
+) -> Result<f64, String> {
     let points = match reference {
-        Reference::Caption(c) => clip_t(m, Some(img), c)?,
-        Reference::Image(target) => clip_i(m, Some(img), target)?,
+        Reference::Caption(c) => clip_t(m, Some(img), c).map_err(|e| e.to_string())?,
+        Reference::Image(target) => {
+            let target = images.get(target).map_err(|e| e.to_string())?;
+            clip_i(m, Some(img), &target).map_err(|e| e.to_string())?
+        }
         Reference::Text(_) => 0.0,
     };
     Ok(points / 100.0)
@@ -59,12 +69,13 @@ pub struct Generation {
     pub max_new_tokens: usize,
 }
 
-/// Generates and scores `items`. `image_path` names the file a generated image is saved to
+/// Generates and scores `items`, decoding their images through `images`. `image_path` names the file a generated image is saved to
 /// (the prediction's `text`).
 pub fn evaluate<C: ClipModel<Image = RgbImage>>(
     backbone: &dyn Backbone,
     spec: &TaskSpec,
     items: &[EvalItem],
+    images: &ImageCache,
     clip: Option<&C>,
     gen: Generation,
     model_id: &str,
@@ -79,7 +90,14 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
         scores: vec![],
     };
     for chunk in items.chunks(gen.batch.max(1)) {
-        let prompts: Vec<Prompt> = chunk.iter().map(|i| i.prompt.clone()).collect();
+        let prompts = chunk
+            .iter()
+            .map(|i| i.prompt(images))
+            .collect::<Result<Vec<Prompt>, _>>()
+            .map_err(|source| EvalError::Data {
+                task: task.clone(),
+                source,
+            })?;
         let gens = backbone
             .generate(&prompts, kind, gen.max_new_tokens)
             .map_err(|source| EvalError::Generate {
@@ -102,7 +120,7 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
                 (Reference::Caption(_) | Reference::Image(_), Output::Image(img)) => {
                     let m =
                         clip.ok_or_else(|| err("image tasks need the CLIP-like scorer".into()))?;
-                    let s = clip_score(m, &img, &item.reference).map_err(|e| err(e.to_string()))?;
+                    let s = clip_score(m, &img, &item.reference, images).map_err(err)?;
                     out.images.push(img);
                     (image_path(&qid), s)
                 }
@@ -112,7 +130,7 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
             out.scores.push(score);
             out.predictions.push(PredictionRecord {
                 question_id: item.question_id.clone(),
-                prompt: item.prompt.text.clone(),
+                prompt: item.text.clone(),
                 text,
                 answer_id: format!("{model_id}-{qid}"),
                 model_id: model_id.to_string(),

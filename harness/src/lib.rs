@@ -2,7 +2,9 @@
 //! evaluation. Methods supply hooks; the harness owns the loop and its counters.
 
 pub mod cache_io;
+pub mod checkpoint;
 pub mod clip;
+pub mod data;
 pub mod device;
 pub mod errors;
 pub mod eval;

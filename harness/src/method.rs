@@ -3,6 +3,7 @@
 //! hooks. Step-level hooks live in [`Hooks`] (pretraining uses `()`), task-level ones in
 //! [`Method`].
 
+use crate::data::Examples;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use cnext_adapters::{AdapterPlan, LoraConfig};
@@ -66,6 +67,47 @@ pub trait Hooks {
     fn per_sample_fisher(&mut self, _fisher: BTreeMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
+    /// What these hooks change from step to step within a stage (EMA copies, counters), for
+    /// mid-stage checkpoints. `load_step_state` of it, after `begin_task`, must put the hooks
+    /// exactly where they were: a resumed stage ends bit-identical to an uninterrupted one.
+    fn step_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(BTreeMap::new())
+    }
+    fn load_step_state(&mut self, _state: BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `state` with every name prefixed by `prefix` (to keep several maps in one step state).
+pub fn prefixed(prefix: &str, state: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    state
+        .iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+        .collect()
+}
+
+/// The entries of `state` named `prefix...`, removed and with the prefix stripped.
+pub fn take_prefixed(
+    prefix: &str,
+    state: &mut BTreeMap<String, Tensor>,
+) -> BTreeMap<String, Tensor> {
+    let keys: Vec<String> = state
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| state.remove(&k).map(|v| (k[prefix.len()..].to_string(), v)))
+        .collect()
+}
+
+/// An error naming the first entry of `state` that a `load_step_state` left over (a step
+/// state of another method or version).
+pub fn unexpected(state: &BTreeMap<String, Tensor>) -> Result<()> {
+    match state.keys().next() {
+        Some(k) => candle_core::bail!("step state: unexpected `{k}`"),
+        None => Ok(()),
+    }
 }
 
 /// No hooks (pretraining, and methods that only train).
@@ -106,7 +148,7 @@ pub trait Method: Hooks + Send {
         _stage: StageInfo,
         _model: &dyn Backbone,
         _vars: &Vars,
-        _train: &[Example],
+        _train: &dyn Examples,
     ) -> Result<()> {
         Ok(())
     }

@@ -85,6 +85,45 @@ impl AdamW {
         }
     }
 
+    /// The moments of every variable stepped so far (`m.<name>`, `v.<name>`, and the step
+    /// count `t.<name>`), for checkpoints.
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, s) in &self.state {
+            out.insert(format!("m.{name}"), s.m.clone());
+            out.insert(format!("v.{name}"), s.v.clone());
+            out.insert(
+                format!("t.{name}"),
+                Tensor::new(&[s.t as i64], &candle_core::Device::Cpu)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Replaces the moments with a [`AdamW::state`].
+    pub fn load_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
+        self.state.clear();
+        let names: Vec<String> = state
+            .keys()
+            .filter_map(|k| k.strip_prefix("t.").map(str::to_string))
+            .collect();
+        for name in names {
+            let mut take = |p: &str| {
+                state.remove(&format!("{p}.{name}")).ok_or_else(|| {
+                    candle_core::Error::msg(format!("optimizer state: no {p}.{name}"))
+                })
+            };
+            let t = take("t")?.to_vec1::<i64>()?;
+            let (m, v) = (take("m")?, take("v")?);
+            let t = t.first().copied().unwrap_or(0) as u64;
+            self.state.insert(name, Moments { m, v, t });
+        }
+        if let Some(k) = state.keys().next() {
+            candle_core::bail!("optimizer state: unexpected `{k}`");
+        }
+        Ok(())
+    }
+
     /// Global L2 norm of the gradients of `vars`.
     pub fn grad_norm(vars: &BTreeMap<String, Var>, grads: &GradStore) -> Result<f64> {
         let mut sq = 0f64;

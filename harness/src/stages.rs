@@ -8,17 +8,19 @@
 //! nextest's process-per-test (an exclusive file lock per entry). Entries are written into a
 //! temp folder and renamed, so a killed run never leaves an entry that looks complete.
 
+use crate::checkpoint::Checkpointing;
+use crate::data::{Examples, ImageCache, TrainSet, Union};
 use crate::eval::{evaluate, Generation, TaskEval};
 use crate::method::{Ensembled, Method, MethodFactory, Schedule, StageInfo};
 use crate::run::{RunConfig, RunError};
-use crate::tasks::{eval_items, train_examples, EvalItem, Reference};
+use crate::tasks::{eval_items, EvalItem, Reference};
 use crate::train::{train, StageStats};
 use candle_core::Tensor;
-use cnext_backbones::{Backbone, BaseModel, Example};
+use cnext_backbones::{Backbone, BaseModel};
 use cnext_core::scoring::clip::ClipModel;
 use cnext_core::{AccuracyMatrix, TaskId};
 use cnext_datasets::formats::QuestionId;
-use cnext_datasets::loader::load_task;
+use cnext_datasets::loader::load_test;
 use cnext_datasets::TaskSpec;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -93,7 +95,15 @@ pub struct Chain<'a, C> {
     /// Stage k's key inputs and entry name at index k - 1.
     keys: Vec<(serde_json::Value, String)>,
     data: Mutex<BTreeMap<TaskId, TaskSets>>,
+    /// Decoded images of every task, bounded.
+    images: Arc<ImageCache>,
+    /// Steps between mid-stage checkpoints (`CNEXT_CHECKPOINT_EVERY`; 0: none).
+    pub checkpoint_every: usize,
 }
+
+/// Steps between mid-stage checkpoints unless `CNEXT_CHECKPOINT_EVERY` says otherwise: a
+/// nano checkpoint takes milliseconds, a Janus-Pro-1B LoRA one about a second.
+pub const DEFAULT_CHECKPOINT_EVERY: usize = 500;
 
 /// A method's identity, read once from one instance.
 struct MethodMeta {
@@ -105,7 +115,7 @@ struct MethodMeta {
 }
 
 /// A task's training examples and evaluation items, loaded once per chain.
-type TaskSets = Arc<(Vec<Example>, Vec<EvalItem>)>;
+type TaskSets = Arc<(TrainSet, Vec<EvalItem>)>;
 
 impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
     #[allow(clippy::too_many_arguments)]
@@ -142,6 +152,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             meta,
             keys: vec![],
             data: Mutex::default(),
+            images: Arc::new(ImageCache::from_env()),
+            checkpoint_every: std::env::var("CNEXT_CHECKPOINT_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_CHECKPOINT_EVERY),
         };
         let mut prev = String::new();
         for k in 1..=chain.stages() {
@@ -216,8 +231,11 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         if let Some(d) = m.get(&t) {
             return Ok(d.clone());
         }
-        let d = load_task(self.data_root, t)?;
-        let v = Arc::new((train_examples(&d)?, eval_items(&d)?));
+        let dir = self.data_root.join(t.as_str());
+        let v = Arc::new((
+            TrainSet::open(&dir, t, self.images.clone())?,
+            eval_items(&load_test(&dir, t)?),
+        ));
         m.insert(t, v.clone());
         Ok(v)
     }
@@ -282,6 +300,25 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             cnext_core::hash::key16(&inputs.to_string())
         );
         (inputs, name)
+    }
+
+    /// Stage `k`'s mid-stage checkpoints, in `stages/.checkpoints/<entry>.safetensors`.
+    fn checkpointing(&self, k: usize, name: &str) -> Checkpointing {
+        // Fault injection for the resume test (`suite/tests/resume.rs`): `k:steps` aborts
+        // stage k once that many of its steps are done.
+        let abort_after = std::env::var("CNEXT_ABORT_IN_STAGE").ok().and_then(|v| {
+            let (stage, step) = v.split_once(':')?;
+            (stage.parse::<usize>().ok()? == k).then(|| step.parse().ok())?
+        });
+        Checkpointing {
+            path: self
+                .cache
+                .join("stages")
+                .join(".checkpoints")
+                .join(format!("{name}.safetensors")),
+            every: self.checkpoint_every,
+            abort_after,
+        }
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -429,13 +466,15 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         let vars = live.model.trainable();
         let id = self.meta.id;
         let shared = self.shared(k);
+        let ck = self.checkpointing(k, name);
         let (task, stats) = match self.meta.schedule {
             Schedule::Frozen => (None, None),
             Schedule::Joint => {
-                let mut all = vec![];
-                for &t in &order {
-                    all.extend(self.task_data(t)?.0.iter().cloned());
-                }
+                let sets = order
+                    .iter()
+                    .map(|&t| self.task_data(t))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let all = Union(sets.iter().map(|s| &s.0 as &dyn Examples).collect());
                 let tc = crate::train::TrainConfig {
                     steps: self.cfg.stage.steps * order.len(),
                     ..self.cfg.stage.clone()
@@ -448,6 +487,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     &tc,
                     &label,
                     self.progress,
+                    Some(&ck),
                     live.method.as_mut(),
                 )?;
                 (None, Some(s))
@@ -479,6 +519,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                     &self.cfg.stage,
                     &label,
                     self.progress,
+                    Some(&ck),
                     hooks,
                 )?;
                 if !shared {
@@ -520,6 +561,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
                 scored,
                 &TaskSpec::of(t),
                 &data.1,
+                &self.images,
                 Some(self.clip),
                 gen,
                 id,
@@ -579,6 +621,8 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             })?;
         }
         std::fs::rename(&tmp, &dir).map_err(|source| RunError::Io { path: dir, source })?;
+        ck.remove()
+            .map_err(|e| RunError::Stage(format!("{name}: {e}")))?;
         if !self.progress {
             // Test runs show which stages they trained (and that none trained twice).
             let secs = record.stats.as_ref().map_or(0.0, |s| s.seconds);

@@ -3,11 +3,13 @@
 //! bar. [`train`] feeds it seeded, bucketed batches of examples; pretraining phases and the
 //! scorer feed it losses of their own ([`LossFn`]).
 
+use crate::checkpoint::{CheckpointError, Checkpointing};
+use crate::data::Examples;
 use crate::method::{Hooks, Step, Vars};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use candle_core::Tensor;
 use cnext_adapters::Ctx;
-use cnext_backbones::{Backbone, Example};
+use cnext_backbones::{Backbone, BatchShape, Example};
 use cnext_datasets::rng::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -56,6 +58,11 @@ pub enum TrainError {
     },
     #[error("{label}: no training examples")]
     Empty { label: String },
+    #[error("{label}: {source}")]
+    Checkpoint {
+        label: String,
+        source: CheckpointError,
+    },
     #[error("{label}: step {step}: {source}")]
     Candle {
         label: String,
@@ -103,6 +110,13 @@ pub trait Objective {
     ) -> candle_core::Result<BTreeMap<String, Tensor>> {
         candle_core::bail!("this objective has no per-sample gradients")
     }
+    /// Where the objective's stream of batches is (for checkpoints); `seek` returns to it.
+    fn position(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        Ok(BTreeMap::new())
+    }
+    fn seek(&mut self, _position: BTreeMap<String, Tensor>) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 /// An objective from a closure over the step index.
@@ -123,6 +137,8 @@ pub struct FitConfig<'a> {
     /// Seeds each step's [`Ctx`] (dropout-like noise of adapters).
     pub seed: u64,
     pub progress: bool,
+    /// Mid-stage checkpoints (resumed from when the file exists).
+    pub checkpoint: Option<&'a Checkpointing>,
 }
 
 /// Optimises `vars` on `objective` for `cfg.steps` steps, calling `hooks` (`&mut ()` for
@@ -152,9 +168,30 @@ pub fn fit(
     // tenth of the run (at least every 50 steps apart) and at the end shows progress instead.
     let plain = cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let every = (cfg.steps / 10).max(50);
-    let t0 = Instant::now();
+    let ck_err = |source| TrainError::Checkpoint {
+        label: label.into(),
+        source,
+    };
+    let mut start = 0;
     let mut losses = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
+    if let Some(c) = cfg.checkpoint {
+        if let Some(r) = c
+            .resume(cfg.steps, vars, &mut opt, objective, hooks)
+            .map_err(ck_err)?
+        {
+            eprintln!(
+                "{label}: resumed at step {}/{} from {}",
+                r.step,
+                cfg.steps,
+                c.path.display()
+            );
+            start = r.step;
+            losses = r.losses;
+            bar.set_position(start as u64);
+        }
+    }
+    let t0 = Instant::now();
+    for step in start..cfg.steps {
         let err = |source| TrainError::Candle {
             label: label.into(),
             step,
@@ -199,9 +236,18 @@ pub fn fit(
             bar.set_message(format!("loss {lv:.4}"));
         }
         let done = step + 1;
+        if let Some(c) = cfg.checkpoint {
+            if c.every > 0 && done % c.every == 0 && done < cfg.steps {
+                c.save(done, cfg.steps, &losses, vars, &opt, objective, hooks)
+                    .map_err(ck_err)?;
+            }
+            if c.abort_after == Some(done) {
+                std::process::abort();
+            }
+        }
         if plain && (done % every == 0 || done == cfg.steps) {
             let secs = t0.elapsed().as_secs_f64();
-            let rate = done as f64 / secs.max(1e-9);
+            let rate = (done - start) as f64 / secs.max(1e-9);
             eprintln!(
                 "{label}: step {done}/{} loss {lv:.4}, {rate:.2} steps/s, eta {:.0} s",
                 cfg.steps,
@@ -226,40 +272,33 @@ pub fn head_tail(losses: &[f64]) -> (f64, f64) {
     (mean(&losses[..k]), mean(&losses[losses.len() - k..]))
 }
 
-/// Seeded batches of examples, each from one bucket of similar examples (same image size and
-/// answer kind): padding to the longest sequence of a mixed batch more than doubled the cost
-/// of a step. Buckets are picked in proportion to their size.
+/// Seeded batches of examples, each from one bucket of examples of one processed shape (image
+/// size, answer kind): padding to the longest sequence of a mixed batch more than doubled the
+/// cost of a step. Buckets are picked in proportion to their size. Examples are read from
+/// `examples` as batches need them.
 struct Batches<'a> {
     backbone: &'a dyn Backbone,
-    examples: &'a [Example],
+    examples: &'a dyn Examples,
     batch_size: usize,
     rng: Rng,
-    buckets: Vec<(Vec<usize>, usize)>,
+    buckets: Vec<(Vec<u32>, usize)>,
     last: Vec<Example>,
 }
 
 impl<'a> Batches<'a> {
     fn new(
         backbone: &'a dyn Backbone,
-        examples: &'a [Example],
+        examples: &'a dyn Examples,
         cfg: &TrainConfig,
         label: &str,
     ) -> Self {
         let mut rng = Rng::derive(cfg.seed, label);
-        let mut buckets: BTreeMap<(u32, u32, bool), Vec<usize>> = BTreeMap::new();
-        for (i, e) in examples.iter().enumerate() {
-            let dims = e
-                .prompt
-                .image
-                .as_ref()
-                .map_or((0, 0), |im| (im.width(), im.height()));
-            let image_out = matches!(e.target, cnext_backbones::Target::Image(_));
-            buckets
-                .entry((dims.0, dims.1, image_out))
-                .or_default()
-                .push(i);
+        let mut buckets: BTreeMap<BatchShape, Vec<u32>> = BTreeMap::new();
+        for i in 0..examples.len() {
+            let shape = backbone.batch_shape(examples.shape(i));
+            buckets.entry(shape).or_default().push(i as u32);
         }
-        let mut buckets: Vec<(Vec<usize>, usize)> = buckets.into_values().map(|v| (v, 0)).collect();
+        let mut buckets: Vec<(Vec<u32>, usize)> = buckets.into_values().map(|v| (v, 0)).collect();
         for (b, _) in buckets.iter_mut() {
             rng.shuffle(b);
         }
@@ -272,6 +311,10 @@ impl<'a> Batches<'a> {
             last: vec![],
         }
     }
+}
+
+fn data_err(e: cnext_datasets::loader::DataError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }
 
 impl Objective for Batches<'_> {
@@ -292,7 +335,11 @@ impl Objective for Batches<'_> {
                 self.rng.shuffle(order);
                 *cursor = 0;
             }
-            self.last.push(self.examples[order[*cursor]].clone());
+            let ex = self
+                .examples
+                .get(order[*cursor] as usize)
+                .map_err(data_err)?;
+            self.last.push(ex);
             *cursor += 1;
         }
         self.backbone.loss(&self.last, ctx)
@@ -305,18 +352,73 @@ impl Objective for Batches<'_> {
     ) -> candle_core::Result<BTreeMap<String, Tensor>> {
         per_sample_fisher(self.backbone, vars, &self.last, ctx)
     }
+
+    fn position(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
+        let cpu = candle_core::Device::Cpu;
+        let mut out = BTreeMap::new();
+        out.insert(
+            "rng".to_string(),
+            Tensor::new(&[self.rng.state() as i64], &cpu)?,
+        );
+        for (k, (order, cursor)) in self.buckets.iter().enumerate() {
+            out.insert(
+                format!("bucket{k}.order"),
+                Tensor::from_slice(order, order.len(), &cpu)?,
+            );
+            out.insert(
+                format!("bucket{k}.cursor"),
+                Tensor::new(&[*cursor as i64], &cpu)?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn seek(&mut self, mut position: BTreeMap<String, Tensor>) -> candle_core::Result<()> {
+        let mut take = |k: &str| {
+            position
+                .remove(k)
+                .ok_or_else(|| candle_core::Error::Msg(format!("data position: no `{k}`")))
+        };
+        let one = |t: Tensor| -> candle_core::Result<i64> {
+            t.to_vec1::<i64>()?
+                .first()
+                .copied()
+                .ok_or_else(|| candle_core::Error::Msg("data position: empty counter".into()))
+        };
+        self.rng = Rng::new(one(take("rng")?)? as u64);
+        for k in 0..self.buckets.len() {
+            let order = take(&format!("bucket{k}.order"))?.to_vec1::<u32>()?;
+            let cursor = one(take(&format!("bucket{k}.cursor"))?)? as usize;
+            let (o, c) = &mut self.buckets[k];
+            let mut a = order.clone();
+            let mut b = o.clone();
+            a.sort_unstable();
+            b.sort_unstable();
+            if a != b || cursor > order.len() {
+                candle_core::bail!("data position: bucket {k} is not this data's");
+            }
+            *o = order;
+            *c = cursor;
+        }
+        if let Some(k) = position.keys().next() {
+            candle_core::bail!("data position: unexpected `{k}` (other data)");
+        }
+        Ok(())
+    }
 }
 
 /// Trains `vars` (the backbone's trainable variables) on `examples`, calling a method's step
 /// hooks (`&mut ()` for none). `label` names the stage in errors and the progress bar, and
-/// the shuffle stream.
+/// the shuffle stream; with `checkpoint`, the stage resumes from and writes checkpoints.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     backbone: &dyn Backbone,
     vars: &Vars,
-    examples: &[Example],
+    examples: &dyn Examples,
     cfg: &TrainConfig,
     label: &str,
     progress: bool,
+    checkpoint: Option<&Checkpointing>,
     hooks: &mut dyn Hooks,
 ) -> Result<StageStats, TrainError> {
     if examples.is_empty() {
@@ -333,6 +435,7 @@ pub fn train(
         optim: &cfg.optim,
         seed: cfg.seed,
         progress,
+        checkpoint,
     };
     let losses = fit(&fc, vars, &mut batches, hooks)?;
     let (first_loss, last_loss) = head_tail(&losses);

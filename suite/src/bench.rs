@@ -148,6 +148,7 @@ pub fn step(
                 &tc,
                 "bench",
                 false,
+                None,
                 &mut (),
             )?;
             if round > 0 {

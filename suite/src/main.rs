@@ -233,6 +233,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5120)]
         max_dense: usize,
     },
+    /// Peak memory of loading one task at N x the mini size and reading each example once:
+    /// streamed (the chain's path) against every image decoded up front.
+    Data {
+        #[arg(long, default_value = "vqav2")]
+        task: TaskId,
+        #[arg(long, default_value_t = 10)]
+        scale: usize,
+        /// Default: <cache>/bench-data/<task>-x<scale> (generated when missing).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Measure one mode in this process (the parent runs one child per mode).
+        #[arg(long, value_enum, hide = true)]
+        child: Option<crate::bench_data::Mode>,
+    },
     /// Training step time of MAGE's stacked experts vs one LoRA of the same total rank.
     Step {
         #[arg(long, default_value = "mini")]
@@ -330,6 +344,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Pema { max_dense },
         } => crate::bench::pema(max_dense),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Data {
+                    task,
+                    scale,
+                    root,
+                    child,
+                },
+        } => crate::bench_data::run(task, scale, root, child),
         Cmd::Bench {
             cmd:
                 BenchCmd::Step {
@@ -598,6 +621,7 @@ fn score<C: ClipModel<Image = image::RgbImage>>(
 }
 
 mod bench;
+mod bench_data;
 mod clip_cli;
 mod export;
 mod infer;

@@ -26,7 +26,7 @@ use super::model::{
 use super::processor::JanusProcessor;
 use super::tokenizer::JanusTokenizer;
 use super::{JanusError, KvCache};
-use crate::{Backbone, Example, Output, OutputKind, Prompt, Target};
+use crate::{Backbone, BatchShape, Example, Output, OutputKind, Prompt, Target};
 use candle_core::{DType, Device, Tensor, Var};
 use cnext_adapters::{AdapterPlan, Ctx};
 use image::RgbImage;
@@ -409,6 +409,14 @@ impl Backbone for JanusBackbone {
         match total {
             Some(t) => t / count as f64,
             None => candle_core::bail!("the batch has no supervised tokens"),
+        }
+    }
+
+    fn batch_shape(&self, shape: BatchShape) -> BatchShape {
+        // Every input image becomes the vision tower's image_size square: one shape (0, 0).
+        BatchShape {
+            image: shape.image.map(|_| (0, 0)),
+            ..shape
         }
     }
 

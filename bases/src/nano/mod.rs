@@ -284,6 +284,7 @@ fn build(
         &cfg.pretrain,
         "pretrain base",
         progress,
+        None,
         &mut (),
     )?;
     let weights: BTreeMap<String, Tensor> = model.trainable_tensors();

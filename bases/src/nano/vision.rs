@@ -149,6 +149,7 @@ fn fit(
         optim: &optim,
         seed,
         progress: false,
+        checkpoint: None,
     };
     let losses = train::fit(&cfg, vars, &mut LossFn(|_| batch_loss(&mut rng)), &mut ())?;
     let at = |i: Option<&f64>| i.copied().unwrap_or(f64::NAN);

@@ -184,6 +184,7 @@ pub fn train_tiny_clip(
         optim: &ocfg,
         seed: cfg.seed,
         progress,
+        checkpoint: None,
     };
     let losses = fit(&fc, &vars, &mut objective, &mut ())?;
     let params = (vars.iter())
