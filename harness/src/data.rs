@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The decoded-image cache's default bound (`CNEXT_IMAGE_CACHE_MB` overrides it).
-pub const DEFAULT_IMAGE_CACHE_BYTES: usize = 512 << 20;
+pub const DEFAULT_IMAGE_CACHE_BYTES: usize = 256 << 20;
 
 /// A set of training examples, read one at a time.
 pub trait Examples {

@@ -22,7 +22,7 @@ pub enum EvalError {
     #[error("{task}: {source}")]
     Data {
         task: String,
-        source: cnext_datasets::loader::DataError,
+        source: Box<cnext_datasets::loader::DataError>,
     },
     #[error("{task}: question {qid}: {msg}")]
     Score {
@@ -71,6 +71,7 @@ pub struct Generation {
 
 /// Generates and scores `items`, decoding their images through `images`. `image_path` names the file a generated image is saved to
 /// (the prediction's `text`).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate<C: ClipModel<Image = RgbImage>>(
     backbone: &dyn Backbone,
     spec: &TaskSpec,
@@ -96,7 +97,7 @@ pub fn evaluate<C: ClipModel<Image = RgbImage>>(
             .collect::<Result<Vec<Prompt>, _>>()
             .map_err(|source| EvalError::Data {
                 task: task.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let gens = backbone
             .generate(&prompts, kind, gen.max_new_tokens)
