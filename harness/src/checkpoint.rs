@@ -24,7 +24,7 @@ pub struct Checkpointing {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: checkpoint: {msg}")]
+#[error("{path}: checkpoint: {msg} (delete the file to train the stage from its start)")]
 pub struct CheckpointError {
     pub path: PathBuf,
     pub msg: String,
