@@ -4,7 +4,7 @@
 //! one safetensors file, atomically, and a rerun of the killed stage continues from it to the
 //! result an uninterrupted run gives, bit for bit on CPU.
 
-use crate::method::{Hooks, Vars};
+use crate::method::{prefixed, take_prefixed, Hooks, Vars};
 use crate::optim::AdamW;
 use crate::train::Objective;
 use candle_core::{DType, Device, Tensor};
@@ -64,19 +64,19 @@ impl Checkpointing {
         hooks: &dyn Hooks,
     ) -> Result<(), CheckpointError> {
         let e = |e: candle_core::Error| self.err(e);
+        let weights: BTreeMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
         let mut all: HashMap<String, Tensor> = HashMap::new();
-        let mut put = |prefix: &str, m: BTreeMap<String, Tensor>| {
-            all.extend(m.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
-        };
-        put(
-            VARS,
-            vars.iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect(),
-        );
-        put(OPTIM, opt.state().map_err(e)?);
-        put(DATA, objective.position().map_err(e)?);
-        put(HOOKS, hooks.step_state().map_err(e)?);
+        for (prefix, part) in [
+            (VARS, weights),
+            (OPTIM, opt.state().map_err(e)?),
+            (DATA, objective.position().map_err(e)?),
+            (HOOKS, hooks.step_state().map_err(e)?),
+        ] {
+            all.extend(prefixed(prefix, &part));
+        }
         let cpu = Device::Cpu;
         all.insert(
             LOSSES.into(),
@@ -111,17 +111,10 @@ impl Checkpointing {
             .values()
             .next()
             .map_or(Device::Cpu, |v| v.device().clone());
-        let mut all = candle_core::safetensors::load(&self.path, &device).map_err(e)?;
-        let take = |all: &mut HashMap<String, Tensor>, prefix: &str| {
-            let keys: Vec<String> = all
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .cloned()
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| all.remove(&k).map(|t| (k[prefix.len()..].to_string(), t)))
-                .collect::<BTreeMap<String, Tensor>>()
-        };
+        let mut all: BTreeMap<String, Tensor> = candle_core::safetensors::load(&self.path, &device)
+            .map_err(e)?
+            .into_iter()
+            .collect();
         let meta = all
             .remove(STEPS)
             .ok_or_else(|| self.err("no step counter"))?
@@ -141,16 +134,18 @@ impl Checkpointing {
             .ok_or_else(|| self.err("no losses"))?
             .to_vec1::<f64>()
             .map_err(e)?;
-        let weights = take(&mut all, VARS);
+        let weights = take_prefixed(VARS, &mut all);
         for (name, var) in vars {
             let t = weights
                 .get(name)
                 .ok_or_else(|| self.err(format!("no weights for `{name}`")))?;
             var.set(t).map_err(e)?;
         }
-        opt.load_state(take(&mut all, OPTIM)).map_err(e)?;
-        objective.seek(take(&mut all, DATA)).map_err(e)?;
-        hooks.load_step_state(take(&mut all, HOOKS)).map_err(e)?;
+        opt.load_state(take_prefixed(OPTIM, &mut all)).map_err(e)?;
+        objective.seek(take_prefixed(DATA, &mut all)).map_err(e)?;
+        hooks
+            .load_step_state(take_prefixed(HOOKS, &mut all))
+            .map_err(e)?;
         Ok(Some(Resumed {
             step: done as usize,
             losses,
