@@ -4,7 +4,7 @@ use crate::plan::{AdapterPlan, Recorder};
 use crate::{normal_values, AdapterKind, Ctx};
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
-use cnext_core::rng::{fnv1a, mix64, FNV_OFFSET, GAMMA};
+use cnext_kernels::fused::lora::{lora_linear, Dropout};
 use std::sync::Arc;
 
 /// The adapter of one linear: E >= 1 experts, each a separate (A, B) pair of variables so that
@@ -185,23 +185,10 @@ pub fn linear(
 /// Inverted dropout with a mask from our own seeded generator (a counter-based hash per
 /// element: cheap, and identical for a seed on any thread count).
 pub(crate) fn dropout(x: &Tensor, p: f32, seed: u64, name: &str) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
+    match Dropout::new(p, seed, name) {
+        Some(d) => d.apply(x),
+        None => Ok(x.clone()),
     }
-    let h = fnv1a(FNV_OFFSET ^ seed, name.as_bytes());
-    let threshold = (f64::from(p) * (1u64 << 32) as f64) as u64;
-    let scale = 1.0 / (1.0 - p);
-    let keep: Vec<f32> = (0..x.elem_count() as u64)
-        .map(|i| {
-            if (mix64(h.wrapping_add(i.wrapping_mul(GAMMA))) >> 32) < threshold {
-                0.0
-            } else {
-                scale
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(keep, x.shape(), x.device())?;
-    x.mul(&mask)
 }
 
 impl Linear {
@@ -221,6 +208,23 @@ impl Linear {
         if let Some(rec) = &self.recorder {
             if rec.is_on() {
                 rec.push(&self.path, x)?;
+            }
+        }
+        if let Some(a) = &self.adapter {
+            if a.router.is_none() {
+                // One fused op for the base product and the low-rank path (CPU f32); the
+                // graph of small ops below is the fallback and the reference.
+                let (fa, fb) = a.stacked()?;
+                let drop = ctx
+                    .train
+                    .then(|| Dropout::new(a.dropout, ctx.step_seed, &self.path))
+                    .flatten();
+                if let Some(y) = lora_linear(x, &self.weight, &fa, &fb, a.scale, drop)? {
+                    return match &self.bias {
+                        Some(b) => y.broadcast_add(b),
+                        None => Ok(y),
+                    };
+                }
             }
         }
         let mut y = cnext_kernels::frozen_matmul(x, &self.weight)?;

@@ -268,6 +268,7 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         };
         let mut inputs = serde_json::json!({
             "crate": env!("CARGO_PKG_VERSION"),
+            "kernels": cnext_kernels::NUMERICS,
             "base": self.base.name(),
             "device": format!("{:?}", self.base.device().location()),
             "data": self.data_key,

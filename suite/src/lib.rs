@@ -7,6 +7,7 @@ pub mod names;
 pub mod plan;
 pub mod profile;
 pub mod report;
+pub mod runtime;
 pub mod seeds;
 pub mod setup;
 pub mod snapshot;

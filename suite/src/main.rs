@@ -247,14 +247,17 @@ enum BenchCmd {
         #[arg(long, value_enum, hide = true)]
         child: Option<crate::bench_data::Mode>,
     },
-    /// Training step time of MAGE's stacked experts vs one LoRA of the same total rank.
+    /// One training step (forward + loss, backward, clipping + AdamW) phase by phase, for a
+    /// text batch and an image batch, LoRA and MAGE's stacked experts interleaved.
     Step {
         #[arg(long, default_value = "mini")]
         profile: Profile,
-        #[arg(long, default_value = "vqav2")]
-        task: TaskId,
-        #[arg(long, default_value_t = 20)]
+        /// Timed steps per row (the median is printed).
+        #[arg(long, default_value_t = 40)]
         steps: usize,
+        /// Also write the batches and weights for `bench/step_replica.py` into this folder.
+        #[arg(long)]
+        dump: Option<PathBuf>,
     },
 }
 
@@ -289,6 +292,7 @@ fn parse_profile(s: &str) -> Result<DataProfile, String> {
 }
 
 fn main() {
+    cnext_suite::runtime::init_threads();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
@@ -357,10 +361,10 @@ fn run(cli: Cli) -> Result<()> {
             cmd:
                 BenchCmd::Step {
                     profile,
-                    task,
                     steps,
+                    dump,
                 },
-        } => crate::bench::step(profile, task, steps),
+        } => crate::bench_step::run(profile, steps, dump.as_deref()),
         Cmd::Base {
             profile,
             seed,
@@ -622,6 +626,8 @@ fn score<C: ClipModel<Image = image::RgbImage>>(
 
 mod bench;
 mod bench_data;
+mod bench_dump;
+mod bench_step;
 mod clip_cli;
 mod export;
 mod infer;

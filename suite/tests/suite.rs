@@ -4,7 +4,12 @@
 
 use cnext_suite::plan::{trials, Scope};
 
+// As the `cnext` binary: fresh tensor buffers every step (DESIGN.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    cnext_suite::runtime::init_threads();
     let args = libtest_mimic::Arguments::from_args();
     let scope = match Scope::from_env() {
         Ok(s) => s,

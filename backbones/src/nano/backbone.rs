@@ -200,11 +200,21 @@ fn pad_right(seqs: &mut [Vec<Slot>]) -> usize {
     t
 }
 
-impl Backbone for NanoBackbone {
-    fn loss(&self, batch: &[Example], ctx: Ctx) -> Result<Tensor> {
+/// One training batch as the model sees it: padded slot sequences, and which hidden row
+/// predicts which label.
+struct LossBatch {
+    seqs: Vec<Vec<Slot>>,
+    /// Flat position (b * T + t) of each predicted token.
+    select: Vec<u32>,
+    labels: Vec<u32>,
+    t: usize,
+}
+
+impl NanoBackbone {
+    fn loss_batch(&self, batch: &[Example]) -> LossBatch {
         let mut seqs = vec![];
-        let mut labels = vec![]; // (flat position, target id)
-        let mut rows = vec![];
+        let mut rows = vec![]; // (sequence, position)
+        let mut labels = vec![];
         for ex in batch {
             let mut s = self.prompt_slots(&ex.prompt);
             let ans = self.answer_ids(&ex.target);
@@ -217,6 +227,41 @@ impl Backbone for NanoBackbone {
             seqs.push(s);
         }
         let t = pad_right(&mut seqs);
+        let select = rows.iter().map(|&(bi, ti)| (bi * t + ti) as u32).collect();
+        LossBatch {
+            seqs,
+            select,
+            labels,
+            t,
+        }
+    }
+
+    /// Everything [`Backbone::loss`] computes `batch`'s loss from, by name: the embedding's
+    /// inputs ([`NanoModel::embed_inputs`]), `mask` [B, 1, T, T], `positions` [B * T],
+    /// `select` (the hidden rows that predict) and `labels`. For replicas of the
+    /// computation (`cnext bench step --dump`).
+    pub fn loss_inputs(&self, batch: &[Example]) -> Result<BTreeMap<String, Tensor>> {
+        let lb = self.loss_batch(batch);
+        let images: Vec<_> = batch.iter().map(|e| e.prompt.image.as_ref()).collect();
+        let mut out = self.model.embed_inputs(&lb.seqs, &images)?;
+        let (b, t, dev) = (lb.seqs.len(), lb.t, self.model.device());
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        out.insert("mask".into(), self.model.mask(&vec![vec![true; t]; b], t)?);
+        out.insert("positions".into(), Tensor::new(positions, dev)?);
+        out.insert("select".into(), Tensor::new(lb.select, dev)?);
+        out.insert("labels".into(), Tensor::new(lb.labels, dev)?);
+        Ok(out)
+    }
+}
+
+impl Backbone for NanoBackbone {
+    fn loss(&self, batch: &[Example], ctx: Ctx) -> Result<Tensor> {
+        let LossBatch {
+            seqs,
+            select,
+            labels,
+            t,
+        } = self.loss_batch(batch);
         let images: Vec<_> = batch.iter().map(|e| e.prompt.image.as_ref()).collect();
         let x = self.model.embed(&seqs, &images)?;
         let b = seqs.len();
@@ -226,14 +271,14 @@ impl Backbone for NanoBackbone {
         let h = self
             .model
             .decode(&x, &positions, &mask, &mut KvCache::new(), ctx)?;
-        let sel: Vec<u32> = rows.iter().map(|&(bi, ti)| (bi * t + ti) as u32).collect();
         let d = self.model.config().hidden_size;
+        let dev = self.model.device();
         let hs = h
             .reshape((b * t, d))?
-            .index_select(&Tensor::new(sel, self.model.device())?, 0)?;
+            .index_select(&Tensor::new(select, dev)?, 0)?;
         let logits = self.model.logits(&hs)?;
-        let target = Tensor::new(labels, self.model.device())?;
-        candle_nn::loss::cross_entropy(&logits, &target)
+        let target = Tensor::new(labels, dev)?;
+        cnext_kernels::fused::xent::cross_entropy(&logits, &target)
     }
 
     fn generate(

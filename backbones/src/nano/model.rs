@@ -4,12 +4,14 @@
 //! images are read as continuous patch embeddings (frozen patch encoder + trainable projector,
 //! Fuyu/Janus-style, each patch flagged by how well it matches the prompt's words: [`Relevance`])
 //! and written as VQ codes predicted by a LLaMA-style decoder (RMSNorm, RoPE,
-//! SwiGLU). Every op used here has a backward pass (no fused rms_norm/softmax/rope).
+//! SwiGLU). RMSNorm, RoPE, attention and SwiGLU are the fused ops of `cnext_kernels::fused`
+//! (one graph node each, with a hand-written backward; candle's own fused forms have none).
 
 use super::config::NanoConfig;
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use cnext_adapters::{linear, AdapterPlan, Ctx, Linear};
+use cnext_kernels::fused;
 use image::RgbImage;
 
 /// RMSNorm through differentiable ops.
@@ -28,18 +30,8 @@ impl RmsNorm {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+        fused::norm::rms_norm(x, &self.weight, self.eps)
     }
-}
-
-/// Rotate-half RoPE with per-row positions (`cos`, `sin`: [B, 1, T, head_dim/2]).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Tensor::cat(&[a, b], D::Minus1)
 }
 
 /// Per-layer key/value cache, created per generate call and passed in (layers hold no state).
@@ -76,31 +68,17 @@ impl Attention {
         cache: &mut Option<(Tensor, Tensor)>,
         ctx: Ctx,
     ) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let split = |y: Tensor| -> Result<Tensor> {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = rope(
-            &split(self.q_proj.forward_ctx(x, ctx)?)?,
-            &rot.cos,
-            &rot.sin,
-        )?;
-        let mut k = rope(
-            &split(self.k_proj.forward_ctx(x, ctx)?)?,
-            &rot.cos,
-            &rot.sin,
-        )?;
-        let mut v = split(self.v_proj.forward_ctx(x, ctx)?)?;
+        let rot_qk = Some((&rot.cos, &rot.sin));
+        let q = fused::rope::heads(&self.q_proj.forward_ctx(x, ctx)?, self.heads, rot_qk)?;
+        let mut k = fused::rope::heads(&self.k_proj.forward_ctx(x, ctx)?, self.heads, rot_qk)?;
+        let mut v = fused::rope::heads(&self.v_proj.forward_ctx(x, ctx)?, self.heads, None)?;
         if let Some((pk, pv)) = cache.as_ref() {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
         *cache = Some((k.clone(), v.clone()));
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = candle_nn::ops::softmax(&att.broadcast_add(mask)?, D::Minus1)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = fused::attention::attention(&q, &k, &v, mask, scale)?;
         self.o_proj.forward_ctx(&y, ctx)
     }
 }
@@ -122,9 +100,10 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let g = self.gate_proj.forward_ctx(x, ctx)?.silu()?;
+        let g = self.gate_proj.forward_ctx(x, ctx)?;
+        let u = self.up_proj.forward_ctx(x, ctx)?;
         self.down_proj
-            .forward_ctx(&(g * self.up_proj.forward_ctx(x, ctx)?)?, ctx)
+            .forward_ctx(&fused::swiglu::swiglu(&g, &u)?, ctx)
     }
 }
 
@@ -173,8 +152,9 @@ impl Vision {
         })
     }
 
-    /// The patch encoder's output before the projector: [sum of patches, d].
-    fn features(&self, images: &[&RgbImage], dev: &Device) -> Result<Tensor> {
+    /// The pixels of every patch of `images` (in [-1, 1], [sum of patches, p * p * 3]
+    /// row-major) and each patch's grid row and column.
+    fn pixels(&self, images: &[&RgbImage]) -> (Vec<f32>, Vec<u32>, Vec<u32>) {
         let p = self.patch as u32;
         let (mut pix, mut rows, mut cols) = (vec![], vec![], vec![]);
         for img in images {
@@ -191,10 +171,23 @@ impl Vision {
                 }
             }
         }
-        let n = rows.len();
-        let x = Tensor::from_vec(pix, (n, (p * p * 3) as usize), dev)?;
-        let r = self.row_embed.index_select(&Tensor::new(rows, dev)?, 0)?;
-        let c = self.col_embed.index_select(&Tensor::new(cols, dev)?, 0)?;
+        (pix, rows, cols)
+    }
+
+    /// The patch encoder's output before the projector: [sum of patches, d].
+    fn features(&self, images: &[&RgbImage], dev: &Device) -> Result<Tensor> {
+        let (pix, rows, cols) = self.pixels(images);
+        self.features_of(
+            &Tensor::new(pix, dev)?,
+            &Tensor::new(rows, dev)?,
+            &Tensor::new(cols, dev)?,
+        )
+    }
+
+    fn features_of(&self, pix: &Tensor, rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
+        let x = pix.reshape((rows.dim(0)?, self.patch * self.patch * 3))?;
+        let r = self.row_embed.index_select(rows, 0)?;
+        let c = self.col_embed.index_select(cols, 0)?;
         let h = ((self.patch_embed.forward(&x)? + r)? + c)?.silu()?;
         self.fc.forward(&h)
     }
@@ -231,19 +224,17 @@ impl Relevance {
         })
     }
 
-    /// Logits [P] for the patches `feats` [P, d] of the images of `seqs`, in order. A
-    /// sequence's prompt text is its tokens after its last patch, up to `<sep>`.
-    fn logits(
-        &self,
-        feats: &Tensor,
+    /// The word ids and weights (each a prompt word's share of its mean, [B * T]) and each
+    /// patch's sequence, for [`Relevance::logits`]. A sequence's prompt text is its tokens
+    /// after its last patch, up to `<sep>`.
+    fn inputs(
         seqs: &[Vec<Slot>],
         images: &[Option<&RgbImage>],
         cfg: &NanoConfig,
-    ) -> Result<Tensor> {
+    ) -> (Vec<u32>, Vec<f32>, Vec<u32>) {
         let (b, t) = (seqs.len(), seqs.first().map_or(0, Vec::len));
-        let dev = feats.device();
         let (mut weights, mut ids) = (vec![0f32; b * t], vec![0u32; b * t]);
-        let mut owner = Vec::with_capacity(feats.dim(0)?);
+        let mut owner = vec![];
         let ps = cfg.patch_size as u32;
         for (bi, (s, img)) in seqs.iter().zip(images).enumerate() {
             let Some(i) = img else { continue };
@@ -264,23 +255,59 @@ impl Relevance {
             let n = ((i.width() / ps) * (i.height() / ps)) as usize;
             owner.extend(std::iter::repeat_n(bi as u32, n));
         }
-        let d = cfg.hidden_size;
-        let words = self.embed.index_select(&Tensor::new(ids, dev)?, 0)?;
-        let mean = Tensor::from_vec(weights, (b, 1, t), dev)?
+        (ids, weights, owner)
+    }
+
+    /// Logits [P] for the patches `feats` [P, d] (see [`Relevance::inputs`]).
+    fn logits(
+        &self,
+        feats: &Tensor,
+        ids: &Tensor,
+        weights: &Tensor,
+        owner: &Tensor,
+    ) -> Result<Tensor> {
+        let d = feats.dim(1)?;
+        let (b, t) = weights.dims2()?;
+        let words = self.embed.index_select(ids, 0)?;
+        let mean = weights
+            .reshape((b, 1, t))?
             .matmul(&words.reshape((b, t, d))?)?
             .squeeze(1)?;
-        let unit = Tensor::ones(d, mean.dtype(), dev)?;
+        let unit = Tensor::ones(d, mean.dtype(), mean.device())?;
         // Unit RMS on both sides and a 1/d scale: logits start near 0, the gate near 1/2.
         let q = self
             .query
-            .forward(&candle_nn::ops::rms_norm_slow(&mean, &unit, 1e-5)?)?
-            .index_select(&Tensor::new(owner, dev)?, 0)?;
+            .forward(&fused::norm::rms_norm(&mean, &unit, 1e-5)?)?
+            .index_select(owner, 0)?;
         let k = self
             .key
-            .forward(&candle_nn::ops::rms_norm_slow(feats, &unit, 1e-5)?)?;
+            .forward(&fused::norm::rms_norm(feats, &unit, 1e-5)?)?;
         (k * q)?.sum(1)? / d as f64
     }
 }
+
+/// Everything an embedding is computed from, made on the host before the first tensor op;
+/// [`NanoModel::embed_inputs`] hands it out by name for replicas of the computation.
+struct EmbedInputs {
+    /// Token ids [B * T] (0 at patch slots).
+    ids: Tensor,
+    /// Patches: pixels, grid rows and columns, relevance word ids, weights [B, T] and owners,
+    /// and the row of each slot in `cat(tokens, patches)` [B * T].
+    patches: Option<[Tensor; 7]>,
+    b: usize,
+    t: usize,
+}
+
+/// The names of [`EmbedInputs::patches`], in order.
+const PATCH_INPUTS: [&str; 7] = [
+    "pixels",
+    "patch_rows",
+    "patch_cols",
+    "relevance_ids",
+    "relevance_weights",
+    "patch_owner",
+    "gather",
+];
 
 /// One element of an input sequence: a token or the i-th patch of the sequence's image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,11 +419,13 @@ impl NanoModel {
             .collect()
     }
 
-    /// Embeds `seqs` (each a list of slots, all the same length) with `images[b]` feeding the
-    /// patch slots of sequence b. One gather keeps it differentiable and cheap.
-    pub fn embed(&self, seqs: &[Vec<Slot>], images: &[Option<&RgbImage>]) -> Result<Tensor> {
-        let b = seqs.len();
-        let t = seqs.first().map_or(0, Vec::len);
+    fn embed_inputs_of(
+        &self,
+        seqs: &[Vec<Slot>],
+        images: &[Option<&RgbImage>],
+    ) -> Result<EmbedInputs> {
+        let (b, t) = (seqs.len(), seqs.first().map_or(0, Vec::len));
+        let dev = &self.device;
         let present: Vec<&RgbImage> = images.iter().flatten().copied().collect();
         let mut offsets = Vec::with_capacity(b);
         let mut acc = 0usize;
@@ -414,31 +443,73 @@ impl NanoModel {
                     .map(|slot| if let Slot::Token(id) = slot { *id } else { 0 })
             })
             .collect();
-        let text = self
-            .embed_tokens
-            .index_select(&Tensor::new(ids, &self.device)?, 0)?;
-        if acc == 0 {
-            return text.reshape((b, t, self.cfg.hidden_size));
+        let patches = if acc == 0 {
+            None
+        } else {
+            let (pix, rows, cols) = self.vision.pixels(&present);
+            let (rids, rweights, owner) = Relevance::inputs(seqs, images, &self.cfg);
+            let mut idx = Vec::with_capacity(b * t);
+            for (bi, s) in seqs.iter().enumerate() {
+                for (ti, slot) in s.iter().enumerate() {
+                    idx.push(match slot {
+                        Slot::Token(_) => (bi * t + ti) as u32,
+                        Slot::Patch(p) => (b * t + offsets[bi] + p) as u32,
+                    });
+                }
+            }
+            Some([
+                Tensor::new(pix, dev)?,
+                Tensor::new(rows, dev)?,
+                Tensor::new(cols, dev)?,
+                Tensor::new(rids, dev)?,
+                Tensor::from_vec(rweights, (b, t), dev)?,
+                Tensor::new(owner, dev)?,
+                Tensor::new(idx, dev)?,
+            ])
+        };
+        Ok(EmbedInputs {
+            ids: Tensor::new(ids, dev)?,
+            patches,
+            b,
+            t,
+        })
+    }
+
+    /// The host-side inputs of [`NanoModel::embed`] by name (`ids`, and for images
+    /// `pixels`, `patch_rows`, `patch_cols`, `relevance_ids`, `relevance_weights`,
+    /// `patch_owner`, `gather`): what a replica of the computation needs
+    /// (`cnext bench step --dump`).
+    pub fn embed_inputs(
+        &self,
+        seqs: &[Vec<Slot>],
+        images: &[Option<&RgbImage>],
+    ) -> Result<std::collections::BTreeMap<String, Tensor>> {
+        let inp = self.embed_inputs_of(seqs, images)?;
+        let mut out = std::collections::BTreeMap::from([("ids".to_string(), inp.ids)]);
+        for (name, t) in PATCH_INPUTS.iter().zip(inp.patches.into_iter().flatten()) {
+            out.insert(name.to_string(), t);
         }
-        let feats = self.vision.features(&present, &self.device)?;
-        let gate = self.relevance.logits(&feats, seqs, images, &self.cfg)?;
+        Ok(out)
+    }
+
+    /// Embeds `seqs` (each a list of slots, all the same length) with `images[b]` feeding the
+    /// patch slots of sequence b. One gather keeps it differentiable and cheap.
+    pub fn embed(&self, seqs: &[Vec<Slot>], images: &[Option<&RgbImage>]) -> Result<Tensor> {
+        let EmbedInputs { ids, patches, b, t } = self.embed_inputs_of(seqs, images)?;
+        let text = self.embed_tokens.index_select(&ids, 0)?;
+        let Some([pix, rows, cols, rids, rweights, owner, gather]) = patches else {
+            return text.reshape((b, t, self.cfg.hidden_size));
+        };
+        let feats = self.vision.features_of(&pix, &rows, &cols)?;
+        let gate = self.relevance.logits(&feats, &rids, &rweights, &owner)?;
         // sigmoid(x) = (1 + tanh(x / 2)) / 2: differentiable ops that cannot overflow.
         let gate = (((gate * 0.5)?.tanh()? + 1.0)? * 0.5)?;
         let patches = (self.vision.projector.forward(&feats)?
             + gate
                 .unsqueeze(1)?
                 .broadcast_mul(&self.relevance.flag.unsqueeze(0)?)?)?;
-        let mut idx = Vec::with_capacity(b * t);
-        for (bi, s) in seqs.iter().enumerate() {
-            for (ti, slot) in s.iter().enumerate() {
-                idx.push(match slot {
-                    Slot::Token(_) => (bi * t + ti) as u32,
-                    Slot::Patch(p) => (b * t + offsets[bi] + p) as u32,
-                });
-            }
-        }
         let all = Tensor::cat(&[text, patches], 0)?;
-        all.index_select(&Tensor::new(idx, &self.device)?, 0)?
+        all.index_select(&gather, 0)?
             .reshape((b, t, self.cfg.hidden_size))
     }
 
@@ -491,7 +562,15 @@ impl NanoModel {
     ) -> Result<Tensor> {
         let present: Vec<&RgbImage> = images.iter().flatten().copied().collect();
         let feats = self.vision.features(&present, &self.device)?;
-        self.relevance.logits(&feats, seqs, images, &self.cfg)
+        let (ids, weights, owner) = Relevance::inputs(seqs, images, &self.cfg);
+        let (b, t) = (seqs.len(), seqs.first().map_or(0, Vec::len));
+        let dev = &self.device;
+        self.relevance.logits(
+            &feats,
+            &Tensor::new(ids, dev)?,
+            &Tensor::from_vec(weights, (b, t), dev)?,
+            &Tensor::new(owner, dev)?,
+        )
     }
 
     /// Logits of hidden states [N, d] -> [N, vocab].

@@ -215,8 +215,12 @@ pub fn ensure_base(
         source,
     })?;
     let cfg_text = serde_json::to_string(cfg).map_err(|e| AssetError::Key(e.to_string()))?;
+    let kernels = match cnext_kernels::NUMERICS {
+        1 => String::new(),
+        v => format!("|kernels{v}"),
+    };
     let key = key16(&format!(
-        "{cfg_text}|{}|{manifest_text}{mix}",
+        "{cfg_text}|{}|{manifest_text}{mix}{kernels}",
         env!("CARGO_PKG_VERSION"),
     ));
     let dir = cache
