@@ -268,7 +268,6 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
         };
         let mut inputs = serde_json::json!({
             "crate": env!("CARGO_PKG_VERSION"),
-            "kernels": cnext_kernels::NUMERICS,
             "base": self.base.name(),
             "device": format!("{:?}", self.base.device().location()),
             "data": self.data_key,
@@ -286,6 +285,10 @@ impl<'a, C: ClipModel<Image = RgbImage> + Sync> Chain<'a, C> {
             "order_prefix": order[..k.min(order.len())].iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             "prev": prev,
         });
+        // Keys from before the fused kernels stay valid with them off (numerics 1).
+        if cnext_kernels::numerics() != 1 {
+            inputs["kernels"] = cnext_kernels::numerics().into();
+        }
         if shared {
             // Before this input, the stream was named after whichever method built the
             // stage first; entries from then are not reused.

@@ -5,10 +5,16 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// The version of the numerics of these kernels, part of every base and stage-cache key:
-/// the fused ops sum in another order than the graphs they replace, so results trained
-/// before them are not results of this code (1: candle's ops only; 2: `fused`).
-pub const NUMERICS: u32 = 2;
+/// The version of the numerics in use, part of every base and stage-cache key (left out of
+/// the key when 1): the fused ops sum in another order than the graphs they replace, so
+/// results trained with one are not results of the other (1: candle's ops only; 2: `fused`).
+pub fn numerics() -> u32 {
+    if fused::enabled() {
+        2
+    } else {
+        1
+    }
+}
 
 pub mod fused;
 pub mod linalg;

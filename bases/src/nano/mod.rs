@@ -215,7 +215,7 @@ pub fn ensure_base(
         source,
     })?;
     let cfg_text = serde_json::to_string(cfg).map_err(|e| AssetError::Key(e.to_string()))?;
-    let kernels = match cnext_kernels::NUMERICS {
+    let kernels = match cnext_kernels::numerics() {
         1 => String::new(),
         v => format!("|kernels{v}"),
     };

@@ -19,10 +19,22 @@ pub mod xent;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use gemm::Parallelism;
 
+/// Whether the fused ops are on: `CNEXT_FUSED_KERNELS=1` (read once). Off by default for
+/// now: on mini they change the LoRA matrix beyond the snapshot tolerance (stage-6 vqav2 12.0
+/// against 39.5, Forgetting 46.46 against 37.65; issue 22), so they stay opt-in until
+/// that is understood. Off, every op runs its unfused form, bit-identical to the graphs the
+/// snapshots were made with. Unit tests always exercise the fused path.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(test) || *ON.get_or_init(|| std::env::var("CNEXT_FUSED_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 /// Whether the fused CPU path can take these tensors.
 pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    enabled()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// The contiguous f32 data of a CPU storage under `l`.
