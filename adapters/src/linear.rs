@@ -48,9 +48,9 @@ impl Adapter {
         b.matmul(&a)? * self.scale
     }
 
-    /// The adapter's contribution for input `x` (router input) and `xin` (`x` after dropout).
-    fn forward(&self, x: &Tensor, xin: &Tensor) -> Result<Tensor> {
-        let (a, b) = self.stacked()?;
+    /// The adapter's contribution for input `x` (router input) and `xin` (`x` after dropout),
+    /// with the [`Adapter::stacked`] factors `a`, `b`.
+    fn forward(&self, x: &Tensor, xin: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // Adapters stay in their own dtype (f32) over a base of another one (bf16): the input
         // is cast in and the caller casts the delta back (no-ops when the dtypes agree).
         let (x, xin) = (&x.to_dtype(a.dtype())?, &xin.to_dtype(a.dtype())?);
@@ -210,16 +210,20 @@ impl Linear {
                 rec.push(&self.path, x)?;
             }
         }
-        if let Some(a) = &self.adapter {
+        // The stacked factors once per forward: the fused op and the fallback both use them.
+        let stacked = match &self.adapter {
+            Some(a) => Some(a.stacked()?),
+            None => None,
+        };
+        if let (Some(a), Some((fa, fb))) = (&self.adapter, &stacked) {
             if a.router.is_none() {
                 // One fused op for the base product and the low-rank path (CPU f32); the
                 // graph of small ops below is the fallback and the reference.
-                let (fa, fb) = a.stacked()?;
                 let drop = ctx
                     .train
                     .then(|| Dropout::new(a.dropout, ctx.step_seed, &self.path))
                     .flatten();
-                if let Some(y) = lora_linear(x, &self.weight, &fa, &fb, a.scale, drop)? {
+                if let Some(y) = lora_linear(x, &self.weight, fa, fb, a.scale, drop)? {
                     return match &self.bias {
                         Some(b) => y.broadcast_add(b),
                         None => Ok(y),
@@ -231,13 +235,13 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(a) = &self.adapter {
+        if let (Some(a), Some((fa, fb))) = (&self.adapter, &stacked) {
             let xin = if ctx.train {
                 dropout(x, a.dropout, ctx.step_seed, &self.path)?
             } else {
                 x.clone()
             };
-            y = (&y + a.forward(x, &xin)?.to_dtype(y.dtype())?)?;
+            y = (&y + a.forward(x, &xin, fa, fb)?.to_dtype(y.dtype())?)?;
         }
         Ok(y)
     }

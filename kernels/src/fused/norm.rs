@@ -76,10 +76,12 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_data(x, |x| {
             with_data(w, |w| {
                 with_data(g, |g| {
+                    // Each row's 1 / rms once, for dx and dw.
+                    let invs: Vec<f32> = x.chunks(d).map(|r| inv_rms(r, self.eps)).collect();
                     let mut dx = vec![0f32; x.len()];
                     par_rows(&mut dx, d, |r, out| {
                         let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-                        let inv = inv_rms(xr, self.eps);
+                        let inv = invs[r];
                         // dx = inv * (w g - xh * mean(w g xh)), xh = x * inv.
                         for ((o, gv), wv) in out.iter_mut().zip(gr).zip(w) {
                             *o = wv * gv;
@@ -91,8 +93,7 @@ impl CustomOp2 for RmsNorm {
                     });
                     let dw = self.grad_w.then(|| {
                         let mut dw = vec![0f32; d];
-                        for (xr, gr) in x.chunks(d).zip(g.chunks(d)) {
-                            let inv = inv_rms(xr, self.eps);
+                        for ((xr, gr), &inv) in x.chunks(d).zip(g.chunks(d)).zip(&invs) {
                             for ((o, xv), gv) in dw.iter_mut().zip(xr).zip(gr) {
                                 *o += gv * xv * inv;
                             }
