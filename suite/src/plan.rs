@@ -25,10 +25,11 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
 /// The mini chains that run by default (CI runs them), default order: one method per mechanism
-/// family that fits CI's 90 minutes (the README's CI table gives the measured budget): the
-/// baseline `lora`, regularisation (`ewc`), projection (`pgp`), merging (`reglora`), and
-/// experts with a parameter-wise EMA (`mage`). The first four share `lora`'s stage 1.
-pub const CI_MINI: &[&str] = &["lora", "ewc", "pgp", "reglora", "mage"];
+/// family, the fewest chains that cover them all, since all five do not fit CI's 90 minutes
+/// (the README gives the measured budget): regularisation (`ewc`), projection (`pgp`), merging
+/// (`reglora`), and experts with a parameter-wise EMA (`mage`). The first three train `lora`'s
+/// shared stage 1, so the baseline's first stage is checked through them.
+pub const CI_MINI: &[&str] = &["ewc", "pgp", "reglora", "mage"];
 
 /// The profiles to register and whether a mini chain is active, from `CNEXT_PROFILE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
