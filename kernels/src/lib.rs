@@ -5,9 +5,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// The version of the numerics in use, part of every base and stage-cache key (left out of
-/// the key when 1): the fused ops sum in another order than the graphs they replace, so
-/// results trained with one are not results of the other (1: candle's ops only; 2: `fused`).
+/// The version of the numerics in use, part of every stage-cache key (left out of the key
+/// when 1): the fused ops sum in another order than the graphs they replace, so results
+/// trained with one are not results of the other (1: candle's ops only; 2: `fused`, the
+/// default). The nano base is always built with candle's ops ([`fused::unfused`]).
 pub fn numerics() -> u32 {
     if fused::enabled() {
         2

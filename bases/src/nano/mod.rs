@@ -215,12 +215,8 @@ pub fn ensure_base(
         source,
     })?;
     let cfg_text = serde_json::to_string(cfg).map_err(|e| AssetError::Key(e.to_string()))?;
-    let kernels = match cnext_kernels::numerics() {
-        1 => String::new(),
-        v => format!("|kernels{v}"),
-    };
     let key = key16(&format!(
-        "{cfg_text}|{}|{manifest_text}{mix}{kernels}",
+        "{cfg_text}|{}|{manifest_text}{mix}",
         env!("CARGO_PKG_VERSION"),
     ));
     let dir = cache
@@ -228,7 +224,10 @@ pub fn ensure_base(
         .join(format!("{:?}-{key}", cfg.size).to_lowercase());
     let mut built = None;
     if !dir.join("model.safetensors").exists() {
-        built = Some(build(&dir, data_root, cfg, dev, progress)?);
+        // Candle's ops only, whichever kernels the stages use: the base is one artefact.
+        built = Some(cnext_kernels::fused::unfused(|| {
+            build(&dir, data_root, cfg, dev, progress)
+        })?);
     }
     let (ncfg, weights, tokenizer, codebook) =
         load_base(&dir, dev).map_err(|source| AssetError::Checkpoint {
