@@ -210,12 +210,13 @@ impl Linear {
                 rec.push(&self.path, x)?;
             }
         }
-        // The stacked factors once per forward: the fused op and the fallback both use them.
-        let stacked = match &self.adapter {
-            Some(a) => Some(a.stacked()?),
+        // The adapter with its stacked factors, once per forward: the fused op and the
+        // fallback both use them.
+        let adapter = match &self.adapter {
+            Some(a) => Some((a, a.stacked()?)),
             None => None,
         };
-        if let (Some(a), Some((fa, fb))) = (&self.adapter, &stacked) {
+        if let Some((a, (fa, fb))) = &adapter {
             if a.router.is_none() {
                 // One fused op for the base product and the low-rank path (CPU f32); the
                 // graph of small ops below is the fallback and the reference.
@@ -235,7 +236,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let (Some(a), Some((fa, fb))) = (&self.adapter, &stacked) {
+        if let Some((a, (fa, fb))) = &adapter {
             let xin = if ctx.train {
                 dropout(x, a.dropout, ctx.step_seed, &self.path)?
             } else {
